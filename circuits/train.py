@@ -1,0 +1,354 @@
+"""Train an attention-only transformer from a TOML config file.
+
+    python -m circuits.train configs/attn-only-2l.toml --out checkpoints/attn-only-2l
+    python -m circuits.train configs/attn-only-2l.toml --out checkpoints/attn-only-2l --resume
+
+The optimiser is AdamW with linear warm-up then cosine decay and gradient clipping, under bf16
+autocast (CPU or CUDA). Every ``checkpoint_every`` steps the model is written as a checkpoint
+(``model.safetensors`` and ``config.json``) and the optimiser state under ``resume/``, each file
+atomically, so a run killed at any moment continues with ``--resume`` from the last checkpoint.
+Batches and dropout are pure functions of (seed, step), so on CPU a resumed run ends with the same
+parameters and the same logged losses, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from circuits.checkpoints import (
+    CONFIG_FILE,
+    LOG_FILE,
+    WEIGHTS_FILE,
+    atomic_save_tensors,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
+from circuits.data import DataError, WindowSampler, load_tokens
+from circuits.model import AttnOnlyTransformer, ModelConfig
+from circuits.tokenizer import Tokenizer
+
+log = logging.getLogger("circuits.train")
+
+RESUME_DIR = "resume"
+SNAPSHOT_DIR = "snapshots"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (the ``[training]`` table of a config file)."""
+
+    steps: int
+    batch_size: int = 16
+    lr: float = 1e-3
+    # Linear warm-up over this many steps, then cosine decay to min_lr_ratio * lr at the end.
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    seed: int = 0
+    # Training loss is logged as the mean over each interval of log_every steps.
+    log_every: int = 50
+    eval_every: int = 500
+    eval_windows: int = 64
+    checkpoint_every: int = 500
+    # Steps at which a copy of the weights is kept under snapshots/.
+    snapshot_steps: list[int] = field(default_factory=list)
+    autocast: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be positive")
+        if self.checkpoint_every % self.log_every != 0:
+            raise ValueError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
+                f"({self.log_every}) so a resumed run logs the same intervals"
+            )
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class RunConfig:
+    """A whole config file: model shape, tokenizer, data and training settings."""
+
+    model: ModelConfig
+    tokenizer: Tokenizer
+    train_data: str | list[str]
+    validation_data: str | list[str]
+    training: TrainConfig
+    raw: dict
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "RunConfig":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError as error:
+            raise SystemExit(f"error: config file not found: {path}") from error
+        except tomllib.TOMLDecodeError as error:
+            raise SystemExit(f"error: {path} is not valid TOML: {error}") from error
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<config>") -> "RunConfig":
+        try:
+            tokenizer = Tokenizer(**raw.get("tokenizer", {}))
+            model = ModelConfig(**raw["model"], d_vocab=tokenizer.d_vocab)
+            training = TrainConfig(**raw["training"])
+            data = raw["data"]
+            return cls(model, tokenizer, data["train"], data["validation"], training, raw)
+        except KeyError as error:
+            raise SystemExit(f"error: {source}: missing section or key {error}") from error
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"error: {source}: {error}") from error
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for the update at ``step`` (0-based): warm-up, then cosine decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    # Weight decay on matrices only, never on layernorm gains and biases or smear weights.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        foreach=False,
+    )
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"{index}.{name}"] = torch.as_tensor(value)
+    return tensors
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict) -> None:
+    state_dict = optimizer.state_dict()
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    state_dict["state"] = state
+    optimizer.load_state_dict(state_dict)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training when the output folder cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        raise SystemExit(
+            f"error: cannot write to the output folder {folder}: {error.strerror or error}. "
+            "Choose another --out or free disk space"
+        ) from error
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, device: str, autocast: bool, batch_size: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
+                            enabled=autocast):
+            losses = model.loss(batch, per_token=True)
+        total += losses.double().sum().item()
+        count += losses.numel()
+    model.train()
+    return total / count
+
+
+MetricsHook = Callable[[AttnOnlyTransformer, int], dict]
+
+
+def train(
+    run: RunConfig,
+    out: str | os.PathLike,
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    metrics_hook: MetricsHook | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Train (or continue training) and write the checkpoint folder ``out``.
+
+    ``metrics_hook(model, step)`` returns extra metrics to log at each evaluation.
+    ``stop_after`` ends the run early after that many steps (the schedule still assumes
+    ``run.training.steps``), which tests use to simulate an interruption.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    cfg = run.training
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_writable(out)
+    (out / RESUME_DIR).mkdir(exist_ok=True)
+
+    try:
+        train_tokens = load_tokens(run.train_data, run.tokenizer, progress=progress)
+        validation_tokens = load_tokens(run.validation_data, run.tokenizer, progress=progress)
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from error
+    sampler = WindowSampler(train_tokens, run.model.n_ctx, run.tokenizer.bos_token_id)
+    validation = WindowSampler(
+        validation_tokens, run.model.n_ctx, run.tokenizer.bos_token_id
+    ).sequential_windows(cfg.eval_windows)
+
+    torch.manual_seed(cfg.seed)
+    model = AttnOnlyTransformer(run.model).to(device)
+    optimizer = make_optimizer(model, cfg)
+    start_step, records, elapsed_before = 0, [], 0.0
+
+    state_path = out / RESUME_DIR / "state.json"
+    if resume and state_path.is_file():
+        state = json.loads(state_path.read_text())
+        checkpoint = load_checkpoint(out, device=device)
+        model.load_state_dict(checkpoint.model.state_dict())
+        from safetensors.torch import load_file
+
+        load_optimizer_tensors(optimizer, load_file(out / RESUME_DIR / "optimizer.safetensors",
+                                                    device=device))
+        start_step = state["step"]
+        elapsed_before = state["elapsed_s"]
+        records = [r for r in checkpoint.log if r["step"] <= start_step]
+        log.info("resuming %s from step %d", out, start_step)
+    elif resume:
+        log.info("no resume state in %s, starting from step 0", out)
+    elif (out / WEIGHTS_FILE).exists() and state_path.exists():
+        raise SystemExit(
+            f"error: {out} already holds a training run; pass --resume to continue it or choose "
+            "another --out"
+        )
+
+    def write_log() -> None:
+        atomic_write_bytes(out / LOG_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    def training_record(step: int, elapsed: float) -> dict:
+        return {
+            "config": run.raw,
+            "steps": step,
+            "tokens_seen": step * cfg.batch_size * run.model.n_ctx,
+            "wall_time_s": round(elapsed, 1),
+            "device": device,
+            "torch": torch.__version__,
+        }
+
+    def save(step: int, elapsed: float) -> None:
+        save_checkpoint(model, run.tokenizer, out, training=training_record(step, elapsed))
+        atomic_save_tensors(optimizer_tensors(optimizer), out / RESUME_DIR / "optimizer.safetensors")
+        write_log()
+        write_json(state_path, {"step": step, "elapsed_s": elapsed})
+        if step in cfg.snapshot_steps:
+            (out / SNAPSHOT_DIR).mkdir(exist_ok=True)
+            atomic_save_tensors(model.state_dict(), out / SNAPSHOT_DIR / f"step-{step:06d}.safetensors")
+
+    tokens_per_step = cfg.batch_size * run.model.n_ctx
+    end_step = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
+    checkpoint_steps = set(range(cfg.checkpoint_every, cfg.steps + 1, cfg.checkpoint_every))
+    checkpoint_steps |= set(cfg.snapshot_steps) | {cfg.steps}
+    if start_step == 0 and 0 in cfg.snapshot_steps:
+        save(0, 0.0)
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=out.name, unit="step", disable=not progress,
+               dynamic_ncols=True)
+    started = time.perf_counter()
+    interval_loss, interval_steps = 0.0, 0
+    device_type = device.split(":")[0]
+    for step in range(start_step, end_step):
+        batch = sampler.random_batch(cfg.batch_size, cfg.seed, step).to(device)
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on (seed, step)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.autocast):
+            loss = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+
+        interval_loss += loss.item()
+        interval_steps += 1
+        done = step + 1
+        elapsed = elapsed_before + time.perf_counter() - started
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            record = {
+                "step": done,
+                "tokens": done * tokens_per_step,
+                "lr": learning_rate(step, cfg),
+                "train_loss": interval_loss / interval_steps,
+                "elapsed_s": round(elapsed, 2),
+            }
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                record["val_loss"] = evaluate(model, validation, device, cfg.autocast,
+                                              cfg.batch_size)
+                if metrics_hook is not None:
+                    record.update(metrics_hook(model, done))
+            records.append(record)
+            interval_loss, interval_steps = 0.0, 0
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                            tok_s=f"{done * tokens_per_step / max(elapsed, 1e-9):.0f}")
+        bar.update(1)
+        if done in checkpoint_steps:
+            save(done, elapsed)
+    bar.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m circuits.train", description="Train an attention-only transformer."
+    )
+    parser.add_argument("config", help="TOML config file (see configs/)")
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in --out")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="override the number of training steps in the config")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    run = RunConfig.from_toml(args.config)
+    if args.steps is not None:
+        run.raw["training"]["steps"] = args.steps
+        run = RunConfig.from_dict(run.raw, source=args.config)
+    train(run, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
+    print(f"checkpoint written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
