@@ -110,10 +110,10 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Computed in float32 even under bf16 autocast: the variance of bf16 values is too coarse.
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))
         centred = x - x.mean(-1, keepdim=True)
         normed = centred / (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-        return (normed * self.w.float() + self.b.float()).to(dtype)
+        return (normed * self.w.to(x.dtype) + self.b.to(x.dtype)).to(dtype)
 
 
 class Embed(nn.Module):
@@ -178,7 +178,7 @@ class Attention(nn.Module):
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.cfg.d_head)
             n_pos = scores.shape[-1]
             mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=scores.device).tril()
-            scores = scores.float().masked_fill(~mask, float("-inf"))
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~mask, float("-inf"))
             pattern = scores.softmax(-1)
             z = F.dropout(pattern, p=dropout, training=self.training).to(v.dtype) @ v
         else:
@@ -292,7 +292,8 @@ class AttnOnlyTransformer(nn.Module):
         logits = self(tokens)[:, :-1]
         targets = tokens[:, 1:]
         losses = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
+            logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
+            targets.reshape(-1), reduction="none"
         ).view(targets.shape)
         return losses if per_token else losses.mean()
 

@@ -4,11 +4,16 @@
     python -m circuits.train configs/attn-only-2l.toml --out checkpoints/attn-only-2l --resume
 
 The optimiser is AdamW with linear warm-up then cosine decay and gradient clipping, under bf16
-autocast (CPU or CUDA). Every ``checkpoint_every`` steps the model is written as a checkpoint
-(``model.safetensors`` and ``config.json``) and the optimiser state under ``resume/``, each file
-atomically, so a run killed at any moment continues with ``--resume`` from the last checkpoint.
-Batches and dropout are pure functions of (seed, step), so on CPU a resumed run ends with the same
-parameters and the same logged losses, bit for bit, as an uninterrupted one.
+autocast (CPU or CUDA). Every ``checkpoint_every`` steps the run writes
+
+- ``resume/step-N/``: weights, optimiser state, log and step, filled under a temporary name and
+  renamed, then ``resume/latest.json`` pointing at it (replaced atomically);
+- the checkpoint itself (``model.safetensors``, ``config.json``, ``log.jsonl``), each file
+  atomically.
+
+A run killed at any moment therefore continues with ``--resume`` from the last complete state.
+Batches and dropout masks are pure functions of (seed, step), so on CPU a resumed run ends with the
+same parameters and the same logged losses, bit for bit, as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import tomllib
@@ -33,7 +39,6 @@ from circuits.checkpoints import (
     WEIGHTS_FILE,
     atomic_save_tensors,
     atomic_write_bytes,
-    load_checkpoint,
     save_checkpoint,
     write_json,
 )
@@ -188,6 +193,54 @@ def evaluate(model, windows: torch.Tensor, device: str, autocast: bool, batch_si
     return total / count
 
 
+def log_lines(records: list[dict]) -> bytes:
+    return "".join(json.dumps(record) + "\n" for record in records).encode()
+
+
+def save_resume_state(resume_dir: Path, step: int, elapsed: float, model, optimizer,
+                      records: list[dict]) -> None:
+    """Write everything a resumed run needs into ``resume/step-N/``, then point ``latest.json`` at it.
+
+    The folder is filled under a temporary name and renamed, and ``latest.json`` is replaced
+    atomically afterwards, so a crash at any moment leaves the previous complete state in use.
+    """
+    name = f"step-{step:06d}"
+    staging = resume_dir / f".{name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    atomic_save_tensors(model.state_dict(), staging / WEIGHTS_FILE)
+    atomic_save_tensors(optimizer_tensors(optimizer), staging / "optimizer.safetensors")
+    atomic_write_bytes(staging / LOG_FILE, log_lines(records))
+    write_json(staging / "state.json", {"step": step, "elapsed_s": elapsed})
+    shutil.rmtree(resume_dir / name, ignore_errors=True)
+    os.replace(staging, resume_dir / name)
+    write_json(resume_dir / "latest.json", {"step": step, "folder": name})
+
+    for stale in resume_dir.iterdir():
+        if stale.is_dir() and stale.name != name:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def restore(resume_dir: Path, model, optimizer, device: str) -> tuple[int, float, list[dict]]:
+    """Load the state ``latest.json`` points to; return (step, elapsed seconds, log records)."""
+    from safetensors.torch import load_file
+
+    latest = json.loads((resume_dir / "latest.json").read_text())
+    folder = resume_dir / latest["folder"]
+    try:
+        model.load_state_dict(load_file(folder / WEIGHTS_FILE, device=device))
+        load_optimizer_tensors(optimizer, load_file(folder / "optimizer.safetensors",
+                                                    device=device))
+        state = json.loads((folder / "state.json").read_text())
+        records = [json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines()]
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SystemExit(
+            f"error: the resume state in {folder} is unreadable ({error}); delete "
+            f"{resume_dir} to start the run again from step 0"
+        ) from error
+    return state["step"], state["elapsed_s"], records
+
+
 MetricsHook = Callable[[AttnOnlyTransformer, int], dict]
 
 
@@ -229,29 +282,18 @@ def train(
     optimizer = make_optimizer(model, cfg)
     start_step, records, elapsed_before = 0, [], 0.0
 
-    state_path = out / RESUME_DIR / "state.json"
-    if resume and state_path.is_file():
-        state = json.loads(state_path.read_text())
-        checkpoint = load_checkpoint(out, device=device)
-        model.load_state_dict(checkpoint.model.state_dict())
-        from safetensors.torch import load_file
-
-        load_optimizer_tensors(optimizer, load_file(out / RESUME_DIR / "optimizer.safetensors",
-                                                    device=device))
-        start_step = state["step"]
-        elapsed_before = state["elapsed_s"]
-        records = [r for r in checkpoint.log if r["step"] <= start_step]
+    resume_dir = out / RESUME_DIR
+    latest_path = resume_dir / "latest.json"
+    if resume and latest_path.is_file():
+        start_step, elapsed_before, records = restore(resume_dir, model, optimizer, device)
         log.info("resuming %s from step %d", out, start_step)
     elif resume:
         log.info("no resume state in %s, starting from step 0", out)
-    elif (out / WEIGHTS_FILE).exists() and state_path.exists():
+    elif latest_path.exists():
         raise SystemExit(
             f"error: {out} already holds a training run; pass --resume to continue it or choose "
             "another --out"
         )
-
-    def write_log() -> None:
-        atomic_write_bytes(out / LOG_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def training_record(step: int, elapsed: float) -> dict:
         return {
@@ -263,14 +305,22 @@ def train(
             "torch": torch.__version__,
         }
 
-    def save(step: int, elapsed: float) -> None:
+    def publish(step: int, elapsed: float) -> None:
+        """Write the user-facing checkpoint: weights, config and log at the top of ``out``."""
         save_checkpoint(model, run.tokenizer, out, training=training_record(step, elapsed))
-        atomic_save_tensors(optimizer_tensors(optimizer), out / RESUME_DIR / "optimizer.safetensors")
-        write_log()
-        write_json(state_path, {"step": step, "elapsed_s": elapsed})
+        atomic_write_bytes(out / LOG_FILE, log_lines(records))
+
+    def save(step: int, elapsed: float) -> None:
+        save_resume_state(resume_dir, step, elapsed, model, optimizer, records)
+        publish(step, elapsed)
         if step in cfg.snapshot_steps:
             (out / SNAPSHOT_DIR).mkdir(exist_ok=True)
-            atomic_save_tensors(model.state_dict(), out / SNAPSHOT_DIR / f"step-{step:06d}.safetensors")
+            atomic_save_tensors(model.state_dict(),
+                                out / SNAPSHOT_DIR / f"step-{step:06d}.safetensors")
+
+    if start_step > 0:
+        # A crash between the two files of the last publish may have left them out of step.
+        publish(start_step, elapsed_before)
 
     tokens_per_step = cfg.batch_size * run.model.n_ctx
     end_step = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)

@@ -1,0 +1,159 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from circuits.data import DataError, WindowSampler, load_tokens, resolve_files, token_dtype
+from circuits.tokenizer import Tokenizer
+from conftest import SAMPLE_TEXT
+
+TOKENIZER = Tokenizer(2048)
+
+
+def test_tokens_match_direct_encoding(text_files, tmp_path):
+    train, _ = text_files
+    tokens = load_tokens(train, TOKENIZER, cache_dir=tmp_path / "c", progress=False)
+    expected = []
+    for line in train.read_text().splitlines():
+        expected += [TOKENIZER.bos_token_id, *TOKENIZER.encode(json.loads(line)["text"])]
+    assert tokens.dtype == np.uint16
+    assert tokens.tolist() == expected
+
+
+def test_plain_text_files(tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_text(SAMPLE_TEXT)
+    tokens = load_tokens(path, TOKENIZER, cache_dir=tmp_path / "c", progress=False)
+    assert tokens.tolist() == [TOKENIZER.bos_token_id, *TOKENIZER.encode(SAMPLE_TEXT)]
+
+
+def test_glob_and_folder(text_files, tmp_path):
+    assert resolve_files(str(tmp_path / "*.jsonl")) == sorted(text_files)
+    assert resolve_files(tmp_path) == sorted(text_files)
+
+
+def test_cache_reused(text_files, tmp_path):
+    cache = tmp_path / "c"
+    first = load_tokens(text_files[0], TOKENIZER, cache_dir=cache, progress=False)
+    (bin_file,) = cache.glob("*.bin")
+    stamp = bin_file.stat().st_mtime_ns
+    second = load_tokens(text_files[0], TOKENIZER, cache_dir=cache, progress=False)
+    assert bin_file.stat().st_mtime_ns == stamp
+    assert np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "metadata"])
+def test_corrupt_cache_rebuilt(text_files, tmp_path, damage):
+    cache = tmp_path / "c"
+    good = np.array(load_tokens(text_files[0], TOKENIZER, cache_dir=cache, progress=False))
+    (bin_file,) = cache.glob("*.bin")
+    (meta_file,) = cache.glob("*.json")
+    data = bytearray(bin_file.read_bytes())
+    if damage == "flip":
+        data[10] ^= 0xFF
+        bin_file.write_bytes(bytes(data))
+    elif damage == "truncate":
+        bin_file.write_bytes(bytes(data[:-6]))
+    else:
+        meta_file.write_text("{")
+    rebuilt = load_tokens(text_files[0], TOKENIZER, cache_dir=cache, progress=False)
+    assert np.array_equal(rebuilt, good)
+
+
+def test_stale_cache_not_used(text_files, tmp_path):
+    cache = tmp_path / "c"
+    load_tokens(text_files[0], TOKENIZER, cache_dir=cache, progress=False)
+    text_files[0].write_text(json.dumps({"text": "A different story."}) + "\n")
+    tokens = load_tokens(text_files[0], TOKENIZER, cache_dir=cache, progress=False)
+    assert tokens.tolist() == [TOKENIZER.bos_token_id, *TOKENIZER.encode("A different story.")]
+
+
+def test_no_matching_files(tmp_path):
+    with pytest.raises(DataError, match="no files match"):
+        load_tokens(str(tmp_path / "missing-*.jsonl"), TOKENIZER)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="no data files in folder"):
+        resolve_files(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(DataError, match="empty.jsonl: the file is empty"):
+        load_tokens(path, TOKENIZER)
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 20)
+    with pytest.raises(DataError, match="latin1.txt"):
+        load_tokens(path, TOKENIZER, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_missing_text_field(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({"body": "hello"}) + "\n")
+    with pytest.raises(DataError, match="no 'text' field"):
+        load_tokens(path, TOKENIZER, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_unsupported_suffix(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        resolve_files(path)
+
+
+def test_unreachable_hub_dataset(tmp_path):
+    # The hub client reads HF_HUB_OFFLINE at import time, so the check runs in a fresh process.
+    script = (
+        "from circuits.data import DataError, load_tokens\n"
+        "from circuits.tokenizer import Tokenizer\n"
+        "try:\n"
+        "    load_tokens('hf:roneneldan/TinyStories', Tokenizer(2048), cache_dir=%r,\n"
+        "                max_documents=3, progress=False)\n"
+        "except DataError as error:\n"
+        "    print(error)\n" % str(tmp_path)
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "could not load hub dataset 'roneneldan/TinyStories'" in result.stdout
+    assert "use local files instead" in result.stdout
+
+
+def test_token_dtype():
+    assert token_dtype(2049) == np.uint16
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_windows_start_with_bos():
+    stream = np.arange(1, 101, dtype=np.uint16)
+    sampler = WindowSampler(stream, n_ctx=8, bos_token_id=0)
+    batch = sampler.random_batch(5, seed=3, step=7)
+    assert batch.shape == (5, 8)
+    assert (batch[:, 0] == 0).all()
+    # The rest of each window is a contiguous slice of the stream.
+    assert ((batch[:, 2:] - batch[:, 1:-1]) == 1).all()
+    assert batch.max() <= 100
+    assert (sampler.random_batch(5, seed=3, step=7) == batch).all()
+    assert not (sampler.random_batch(5, seed=3, step=8) == batch).all()
+
+
+def test_sequential_windows_do_not_overlap():
+    stream = np.arange(1, 30, dtype=np.uint16)
+    windows = WindowSampler(stream, n_ctx=5, bos_token_id=0).sequential_windows(100)
+    assert windows[:, 1:].flatten().tolist() == list(range(1, 1 + 4 * len(windows)))
+    assert len(windows) == 7
+
+
+def test_too_little_data():
+    with pytest.raises(DataError, match="fewer than one window"):
+        WindowSampler(np.arange(5, dtype=np.uint16), n_ctx=8, bos_token_id=0)

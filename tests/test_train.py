@@ -1,0 +1,184 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from circuits.checkpoints import load_checkpoint, read_log
+from circuits.train import RunConfig, TrainConfig, learning_rate, train
+
+
+def run_config(train_file, validation_file, **training) -> dict:
+    values = dict(steps=24, batch_size=4, lr=3e-3, warmup_steps=4, seed=5, log_every=2,
+                  eval_every=6, eval_windows=4, checkpoint_every=6, snapshot_steps=[0, 12])
+    values.update(training)
+    return {
+        "tokenizer": {"n_ranks": 512},
+        "model": {"n_layers": 2, "d_model": 16, "n_heads": 2, "d_head": 8, "n_ctx": 16,
+                  "attn_dropout": 0.1},
+        "data": {"train": str(train_file), "validation": str(validation_file)},
+        "training": values,
+    }
+
+
+def losses(folder: Path) -> list[tuple]:
+    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_log(folder)]
+
+
+def weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_training_lowers_loss_and_writes_checkpoint(text_files, tmp_path):
+    raw = run_config(*text_files, steps=60, checkpoint_every=30, log_every=10, eval_every=30)
+    out = train(RunConfig.from_dict(raw), tmp_path / "run", progress=False)
+    records = read_log(out)
+    assert records[-1]["step"] == 60
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.5
+    assert "val_loss" in records[-1]
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.config["training"]["steps"] == 60
+    assert checkpoint.config["training"]["tokens_seen"] == 60 * 4 * 16
+    assert checkpoint.config["training"]["config"] == raw
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == [
+        "step-000000.safetensors", "step-000012.safetensors"]
+
+
+def test_resume_matches_uninterrupted_run(text_files, tmp_path):
+    raw = run_config(*text_files)
+    full = train(RunConfig.from_dict(raw), tmp_path / "full", progress=False)
+
+    # Stop after 8 steps: the last checkpoint is at step 6, so steps 7-8 are lost and redone.
+    part = tmp_path / "part"
+    train(RunConfig.from_dict(raw), part, progress=False, stop_after=8)
+    assert json.loads((part / "resume" / "latest.json").read_text())["step"] == 6
+    train(RunConfig.from_dict(raw), part, resume=True, progress=False, stop_after=10)
+    train(RunConfig.from_dict(raw), part, resume=True, progress=False)
+
+    assert_same_weights(weights(full), weights(part))
+    assert losses(full) == losses(part)
+    assert_same_weights(load_file(full / "snapshots" / "step-000012.safetensors"),
+                        load_file(part / "snapshots" / "step-000012.safetensors"))
+
+
+def test_resume_after_kill(text_files, tmp_path):
+    """kill -9 at several moments, then resume: same weights and loss curve as one run."""
+    raw = run_config(*text_files, steps=60, checkpoint_every=6)
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(toml_dump(raw))
+    full = train(RunConfig.from_dict(raw), tmp_path / "full", progress=False)
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "circuits.train", str(config_path), "--out", str(out),
+               "--resume", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    reached = []
+    for delay in (2.0, 2.5, 3.0, 3.5):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        latest = out / "resume" / "latest.json"
+        reached.append(json.loads(latest.read_text())["step"] if latest.exists() else 0)
+    assert any(0 < step < 60 for step in reached), f"no kill landed mid-run: {reached}"
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert_same_weights(weights(full), weights(out))
+    assert losses(full) == losses(out)
+    assert not list(out.glob(".*.tmp")), "a temporary file was left behind"
+
+
+def toml_dump(raw: dict) -> str:
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def test_existing_run_needs_resume(text_files, tmp_path):
+    raw = run_config(*text_files, steps=6)
+    train(RunConfig.from_dict(raw), tmp_path / "run", progress=False)
+    with pytest.raises(SystemExit, match="pass --resume"):
+        train(RunConfig.from_dict(raw), tmp_path / "run", progress=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
+def test_unwritable_output_folder(text_files, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    with pytest.raises(SystemExit, match="cannot write to the output folder"):
+        train(RunConfig.from_dict(run_config(*text_files)), locked / "run", progress=False)
+
+
+def test_output_path_is_a_file(text_files, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(SystemExit, match="cannot write to the output folder .*blocker"):
+        train(RunConfig.from_dict(run_config(*text_files)), blocker / "run", progress=False)
+
+
+def test_full_disk_fails_before_training(text_files, tmp_path, monkeypatch):
+    def no_space(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", no_space)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        train(RunConfig.from_dict(run_config(*text_files)), tmp_path / "run", progress=False)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1, log_every=1,
+                      checkpoint_every=10)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(10, cfg) == pytest.approx(1.0)
+    assert learning_rate(55, cfg) == pytest.approx(0.55)
+    assert learning_rate(100, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda raw: raw.pop("data"), "missing section or key 'data'"),
+        (lambda raw: raw["model"].update(d_model=-4), "must be positive"),
+        (lambda raw: raw["training"].update(checkpoint_every=5), "multiple of log_every"),
+        (lambda raw: raw["training"].update(nonsense=1), "nonsense"),
+        (lambda raw: raw["tokenizer"].update(n_ranks=10), "n_ranks must be between"),
+    ],
+)
+def test_invalid_config(text_files, change, message):
+    raw = run_config(*text_files)
+    change(raw)
+    with pytest.raises(SystemExit, match=message):
+        RunConfig.from_dict(raw)
+
+
+def test_missing_data_files(tmp_path):
+    raw = run_config(tmp_path / "none-*.jsonl", tmp_path / "none.jsonl")
+    with pytest.raises(SystemExit, match="no files match"):
+        train(RunConfig.from_dict(raw), tmp_path / "run", progress=False)
+
+
+def test_cli_reports_missing_config(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "circuits.train", str(tmp_path / "nope.toml"), "--out",
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "config file not found" in result.stderr
+    assert "Traceback" not in result.stderr
