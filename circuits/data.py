@@ -1,8 +1,11 @@
 """Training text: loading through ``datasets``, a token cache on disk, and context windows.
 
-A data source is either local files (a path, a folder, or a glob pattern of ``.jsonl``,
-``.jsonl.gz``, ``.json`` or ``.txt`` files; JSON lines need a ``"text"`` field) or a Hugging Face
-hub dataset written ``hf:NAME`` or ``hf:NAME:SPLIT`` (needs network access).
+A data source is local files (a path, a folder, or a glob pattern of ``.jsonl``, ``.jsonl.gz``,
+``.json`` or ``.txt`` files; JSON lines need a ``"text"`` field), a Hugging Face hub dataset
+written ``hf:NAME`` or ``hf:NAME:SPLIT`` (needs network access), or ``python-stdlib``: the
+``.py`` files of the running Python's standard library (real source code that every Python
+installation carries; each file is one document, and the few files that are not UTF-8 are left
+out).
 
 The documents are tokenized once into a flat stream, each document preceded by
 ``<|endoftext|>`` (the BOS token), and cached as a memmap (uint16 while the vocabulary fits,
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".txt", ".txt.gz")
 HUB_PREFIX = "hf:"
+PYTHON_STDLIB = "python-stdlib"
 # Documents are tokenized in batches of this many, with tiktoken's threads.
 ENCODE_BATCH = 64
 
@@ -46,8 +50,29 @@ def default_cache_dir() -> Path:
     return Path(root) / "tokens"
 
 
+def python_stdlib_files() -> list[Path]:
+    """The UTF-8 ``.py`` files of this interpreter's standard library, without site-packages."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or "dist-packages" in path.parts:
+            continue
+        try:
+            path.read_bytes().decode("utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        files.append(path)
+    if not files:
+        raise DataError(f"no Python source files found under {root}")
+    return files
+
+
 def resolve_files(spec: str | os.PathLike | list) -> list[Path]:
     """Expand paths, folders and glob patterns into a sorted list of data files."""
+    if spec == PYTHON_STDLIB:
+        return python_stdlib_files()
     specs = spec if isinstance(spec, (list, tuple)) else [spec]
     files: list[Path] = []
     for item in specs:
@@ -122,7 +147,7 @@ def _load_hub(spec: str, max_documents: int | None):
 
 
 def _cache_key(tokenizer: Tokenizer, spec, files: list[Path] | None) -> str:
-    description = {"tokenizer": tokenizer.describe(), "format": 1}
+    description = {"tokenizer": tokenizer.describe(), "format": 1, "spec": str(spec)}
     if files is None:
         description["hub"] = spec
     else:
@@ -187,6 +212,8 @@ def _build_cache(spec, files, tokenizer, bin_path, meta_path, key, max_documents
         raise DataError(f"cannot create the token cache folder {bin_path.parent}: {error}") from error
     if files is None:
         documents = _load_hub(spec, max_documents)
+    elif spec == PYTHON_STDLIB:
+        documents = [path.read_text(encoding="utf-8") for path in files[:max_documents]]
     else:
         documents = _load_local(files)
         if max_documents is not None:
@@ -256,3 +283,36 @@ class WindowSampler:
         stride = self.n_ctx - 1
         n_windows = min(n_windows, (len(self.tokens) - 1) // stride)
         return self._windows(np.arange(n_windows) * stride)
+
+
+@dataclass
+class MixtureSampler:
+    """Windows drawn from several token streams, each window's stream chosen by weight.
+
+    Like ``WindowSampler``, a batch is a pure function of ``(seed, step)``.
+    """
+
+    samplers: list[WindowSampler]
+    weights: list[float]
+
+    def __post_init__(self) -> None:
+        if len(self.samplers) != len(self.weights) or not self.samplers:
+            raise DataError("a data mixture needs one weight per source and at least one source")
+        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise DataError(f"mixture weights must be non-negative with a positive sum: "
+                            f"{self.weights}")
+        total = sum(self.weights)
+        self.probabilities = np.array(self.weights, dtype=np.float64) / total
+
+    def random_batch(self, batch_size: int, seed: int, step: int) -> torch.Tensor:
+        rng = np.random.default_rng([seed, step, 1])
+        choice = rng.choice(len(self.samplers), size=batch_size, p=self.probabilities)
+        windows = []
+        for index, sampler in enumerate(self.samplers):
+            count = int((choice == index).sum())
+            if count:
+                windows.append(sampler.random_batch(count, seed * 1000 + index, step))
+        batch = torch.cat(windows)
+        # Shuffle so the order inside a batch does not reveal the source.
+        order = torch.from_numpy(rng.permutation(batch_size))
+        return batch[order]

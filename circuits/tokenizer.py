@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 
@@ -36,6 +37,10 @@ def _gpt2_ranks() -> dict[bytes, int]:
         return tiktoken.load.data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=os.fspath(vocab_bpe), encoder_json_file=os.fspath(encoder_json)
         )
+
+
+class TruncationWarning(UserWarning):
+    """Text that was longer than a model's context and was cut to fit."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,23 @@ class Tokenizer:
 
     def encode_with_bos(self, text: str) -> list[int]:
         return [self.bos_token_id, *self.encode(text)]
+
+    def encode_for_model(self, text: str, n_ctx: int) -> list[int]:
+        """Encode text as model input: BOS, then at most ``n_ctx - 1`` tokens.
+
+        Empty text gives ``[BOS]``. Longer text keeps its first ``n_ctx - 1`` tokens and emits a
+        ``TruncationWarning`` that says how many tokens were dropped.
+        """
+        ids = self.encode_with_bos(text)
+        if len(ids) > n_ctx:
+            warnings.warn(
+                f"text is {len(ids) - 1} tokens long but the model's context holds {n_ctx - 1} "
+                f"after BOS; analysing the first {n_ctx - 1} and dropping {len(ids) - n_ctx}",
+                TruncationWarning,
+                stacklevel=2,
+            )
+            ids = ids[:n_ctx]
+        return ids
 
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import platform
 import shutil
 import sys
 import time
@@ -42,7 +43,7 @@ from circuits.checkpoints import (
     save_checkpoint,
     write_json,
 )
-from circuits.data import DataError, WindowSampler, load_tokens
+from circuits.data import DataError, MixtureSampler, WindowSampler, load_tokens
 from circuits.model import AttnOnlyTransformer, ModelConfig
 from circuits.tokenizer import Tokenizer
 
@@ -241,6 +242,24 @@ def restore(resume_dir: Path, model, optimizer, device: str) -> tuple[int, float
     return state["step"], state["elapsed_s"], records
 
 
+def make_train_sampler(run: RunConfig, progress: bool):
+    """Build the training sampler: one source, or a weighted mixture of ``{source, weight}``."""
+    sources = run.train_data
+    if isinstance(sources, list) and sources and isinstance(sources[0], dict):
+        mixture = [(item["source"], float(item.get("weight", 1.0))) for item in sources]
+    else:
+        mixture = [(sources, 1.0)]
+
+    samplers, record = [], []
+    for source, weight in mixture:
+        tokens = load_tokens(source, run.tokenizer, progress=progress)
+        samplers.append(WindowSampler(tokens, run.model.n_ctx, run.tokenizer.bos_token_id))
+        record.append({"source": source, "weight": weight, "tokens": int(len(tokens))})
+    if len(samplers) == 1:
+        return samplers[0], record
+    return MixtureSampler(samplers, [weight for _, weight in mixture]), record
+
+
 MetricsHook = Callable[[AttnOnlyTransformer, int], dict]
 
 
@@ -268,14 +287,13 @@ def train(
     (out / RESUME_DIR).mkdir(exist_ok=True)
 
     try:
-        train_tokens = load_tokens(run.train_data, run.tokenizer, progress=progress)
+        sampler, data_record = make_train_sampler(run, progress)
         validation_tokens = load_tokens(run.validation_data, run.tokenizer, progress=progress)
+        validation = WindowSampler(
+            validation_tokens, run.model.n_ctx, run.tokenizer.bos_token_id
+        ).sequential_windows(cfg.eval_windows)
     except DataError as error:
         raise SystemExit(f"error: {error}") from error
-    sampler = WindowSampler(train_tokens, run.model.n_ctx, run.tokenizer.bos_token_id)
-    validation = WindowSampler(
-        validation_tokens, run.model.n_ctx, run.tokenizer.bos_token_id
-    ).sequential_windows(cfg.eval_windows)
 
     torch.manual_seed(cfg.seed)
     model = AttnOnlyTransformer(run.model).to(device)
@@ -303,6 +321,8 @@ def train(
             "wall_time_s": round(elapsed, 1),
             "device": device,
             "torch": torch.__version__,
+            "python": platform.python_version(),
+            "data": data_record,
         }
 
     def publish(step: int, elapsed: float) -> None:

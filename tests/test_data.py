@@ -6,7 +6,17 @@ import sys
 import numpy as np
 import pytest
 
-from circuits.data import DataError, WindowSampler, load_tokens, resolve_files, token_dtype
+import torch
+
+from circuits.data import (
+    PYTHON_STDLIB,
+    DataError,
+    MixtureSampler,
+    WindowSampler,
+    load_tokens,
+    resolve_files,
+    token_dtype,
+)
 from circuits.tokenizer import Tokenizer
 from conftest import SAMPLE_TEXT
 
@@ -157,3 +167,30 @@ def test_sequential_windows_do_not_overlap():
 def test_too_little_data():
     with pytest.raises(DataError, match="fewer than one window"):
         WindowSampler(np.arange(5, dtype=np.uint16), n_ctx=8, bos_token_id=0)
+
+
+def test_mixture_draws_by_weight():
+    a = WindowSampler(np.full(50, 1, dtype=np.uint16), n_ctx=4, bos_token_id=0)
+    b = WindowSampler(np.full(50, 2, dtype=np.uint16), n_ctx=4, bos_token_id=0)
+    mixture = MixtureSampler([a, b], [0.25, 0.75])
+    batch = mixture.random_batch(400, seed=1, step=0)
+    share_b = (batch[:, 1] == 2).float().mean().item()
+    assert 0.68 < share_b < 0.82
+    assert torch.equal(batch, mixture.random_batch(400, seed=1, step=0))
+    only_a = MixtureSampler([a, b], [1.0, 0.0]).random_batch(20, seed=1, step=3)
+    assert (only_a[:, 1:] == 1).all()
+
+
+def test_mixture_rejects_bad_weights():
+    a = WindowSampler(np.full(50, 1, dtype=np.uint16), n_ctx=4, bos_token_id=0)
+    with pytest.raises(DataError, match="non-negative"):
+        MixtureSampler([a], [-1.0])
+    with pytest.raises(DataError, match="one weight per source"):
+        MixtureSampler([a], [1.0, 2.0])
+
+
+def test_python_stdlib_source():
+    files = resolve_files(PYTHON_STDLIB)
+    assert len(files) > 500
+    assert all(path.suffix == ".py" for path in files)
+    assert not any("site-packages" in path.parts for path in files)

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from circuits.tokenizer import FULL_GPT2_RANKS, Tokenizer
+from circuits.tokenizer import FULL_GPT2_RANKS, Tokenizer, TruncationWarning
 
 FULL = Tokenizer()
 SMALL = Tokenizer(2048)
@@ -76,3 +76,21 @@ def test_description_round_trip():
         Tokenizer.from_description({"name": "llama"})
     with pytest.raises(ValueError, match="unknown tokenizer"):
         Tokenizer.from_description("gpt2")
+
+
+def test_model_input_short_text():
+    assert SMALL.encode_for_model("", n_ctx=8) == [2048]
+    assert SMALL.encode_for_model("the river", n_ctx=8) == [2048, *SMALL.encode("the river")]
+
+
+def test_model_input_long_text_truncated_with_warning():
+    text = " the" * 20
+    assert len(SMALL.encode(text)) == 20
+    with pytest.warns(TruncationWarning, match="20 tokens long .* dropping 13"):
+        ids = SMALL.encode_for_model(text, n_ctx=8)
+    assert ids == [2048] + SMALL.encode(text)[:7]
+
+
+def test_model_input_rejects_non_strings():
+    with pytest.raises(TypeError, match="must be a str"):
+        SMALL.encode_for_model(12, n_ctx=8)

@@ -182,3 +182,15 @@ def test_cli_reports_missing_config(tmp_path):
     assert result.returncode != 0
     assert "config file not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_data_mixture(text_files, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("def add(a, b):\n    return a + b\n\n" * 40)
+    raw = run_config(*text_files, steps=6)
+    raw["data"]["train"] = [{"source": str(text_files[0]), "weight": 0.5},
+                            {"source": str(other), "weight": 0.5}]
+    out = train(RunConfig.from_dict(raw), tmp_path / "run", progress=False)
+    record = load_checkpoint(out).config["training"]["data"]
+    assert [item["weight"] for item in record] == [0.5, 0.5]
+    assert all(item["tokens"] > 100 for item in record)
