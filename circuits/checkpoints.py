@@ -61,6 +61,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _default_file_mode() -> int:
+    # mkstemp creates files readable by their owner only; published files get the usual mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that a crash leaves either the old file or the new one, never a mix."""
     path = Path(path)
@@ -70,6 +77,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(temporary, _default_file_mode())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -86,6 +94,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=N
                   metadata=metadata)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
+        os.chmod(temporary, _default_file_mode())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -127,7 +127,7 @@ class FactoredMatrix:
         return FactoredMatrix(A[index], B[index])
 
     def rows(self, index) -> "FactoredMatrix":
-        """The rows ``index`` of the product (a slice, a list or a tensor of row indices)."""
+        """Select the rows ``index`` of the product (a slice, a list or a tensor of row indices)."""
         return FactoredMatrix(self.A[..., index, :], self.B)
 
     def to(self, dtype: torch.dtype) -> "FactoredMatrix":

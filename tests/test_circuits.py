@@ -1,4 +1,4 @@
-"""OV and QK circuits, effective matrices and copying scores on hand-built and small random models."""
+"""OV and QK circuits, effective matrices and copying scores on hand-built and random models."""
 
 import math
 
@@ -60,7 +60,7 @@ def identity_model(signs):
     return model
 
 
-def test_identity_ov_scores_plus_one_and_negative_minus_one():
+def test_identity_and_negative_ov_scores():
     model = identity_model([1.0, -1.0])
     torch.testing.assert_close(ov_circuit(model, 0, 0).dense(), torch.eye(4, dtype=torch.float64))
     assert float(copying_score(ov_circuit(model, 0, 0))) == pytest.approx(1.0)

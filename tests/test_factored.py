@@ -87,7 +87,7 @@ def test_eigenvalues_match_dense(batch, m, r, n):
     assert small.is_complex()
 
     dense = torch.linalg.eigvals(fm.dense())
-    # The dense product has m - k extra eigenvalues that are zero up to rounding; drop the m - k
+    # The dense product has m - k extra eigenvalues that are zero up to rounding. Drop the m - k
     # of smallest modulus and compare the rest.
     keep = dense.abs().argsort(dim=-1, descending=True)[..., :k]
     dense_nonzero = dense.gather(-1, keep)

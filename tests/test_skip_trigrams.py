@@ -92,6 +92,15 @@ def test_hand_built_top_skip_trigrams():
         assert row.name == "L0H0"
 
 
+def test_top_skip_trigrams_restricted_sources():
+    model, W_U, _ = hand_built_model()
+    table = top_skip_trigrams(model, STRINGS, layer=0, head=0, k=5, source_tokens=[0, 2])
+    assert sorted(table["source"].tolist()) == [0, 2]
+    assert table["output"].tolist() == [OUTPUT_OF[s] for s in table["source"]]
+    with pytest.raises(ValueError, match="source_tokens"):
+        top_skip_trigrams(model, STRINGS, layer=0, head=0, source_tokens=[VOCAB])
+
+
 @pytest.mark.parametrize("batch_size", [1, 7, 30, 64])
 def test_batched_sweep_matches_dense_topk(batch_size):
     model = random_model(seed=1)
@@ -133,9 +142,9 @@ def test_skip_trigram_table_layout():
     tops = source_top_tokens(model, 1, k=k)
     source = 17
     rows = one_head[one_head["source"] == source]
-    expected_pairs = {
-        (d, o) for d in tops.destinations[2, source].tolist() for o in tops.outputs[2, source].tolist()
-    }
+    destinations = tops.destinations[2, source].tolist()
+    outputs = tops.outputs[2, source].tolist()
+    expected_pairs = {(d, o) for d in destinations for o in outputs}
     assert set(zip(rows["destination"], rows["output"])) == expected_pairs
 
 

@@ -230,7 +230,10 @@ def repeated_token_loss(
     """Per-position and per-repeat loss of the model on repeated random tokens (see the class)."""
     n_repeats = _check_repeated(sequences, period)
     if period < 2:
-        raise ValueError("per-repeat loss needs period >= 2 (a repeat of one token has no loss left)")
+        raise ValueError(
+            f"per-repeat loss needs period >= 2, got {period}: a repeat of one token has no "
+            "prediction left once its first token is excluded"
+        )
     was_training = model.training
     model.eval()
     try:
@@ -273,9 +276,9 @@ def repeated_random_tokens(
     - with ``counts`` (token frequencies [d_vocab], for example row sums of a bigram table): the
       tokens that occur, without BOS, minus the ``exclude_fraction`` most frequent and the
       ``exclude_fraction`` least frequent of them;
-    - otherwise the ids in [low, high). The default range is [256, BOS) when the vocabulary has
-      merged tokens, skipping GPT-2's single bytes, which include the most frequent characters
-      and control bytes that never occur; otherwise it is every id below BOS.
+    - otherwise the ids in [low, high). When the vocabulary has merged tokens the default range
+      is [256, BOS), because GPT-2's single bytes (ids 0-255) include both the most frequent
+      characters and control bytes that never occur. Otherwise it is every id below BOS.
     """
     d_vocab = vocabulary.d_vocab if isinstance(vocabulary, Tokenizer) else int(vocabulary)
     bos = d_vocab - 1
@@ -295,7 +298,8 @@ def repeated_random_tokens(
     sequences = np.empty((n_sequences, 1 + n_tokens * n_repeats), dtype=np.int64)
     sequences[:, 0] = bos
     for row in range(n_sequences):
-        sequences[row, 1:] = np.tile(rng.choice(candidates, size=n_tokens, replace=False), n_repeats)
+        repeat = rng.choice(candidates, size=n_tokens, replace=False)
+        sequences[row, 1:] = np.tile(repeat, n_repeats)
     return torch.from_numpy(sequences)
 
 

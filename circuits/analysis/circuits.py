@@ -1,10 +1,10 @@
 """OV and QK circuits of single heads, their eigenvalues, and copying scores.
 
 Convention: row vectors, as in ``circuits.model``. A head reads a residual row x as ``x @ W_Q``,
-so ``W_QK = W_Q @ W_Kᵀ`` and ``W_OV = W_V @ W_O`` are d_model x d_model. The paper uses column
-vectors, where the same maps read W_QK = W_Qᵀ W_K and W_OV = W_O W_V, and its OV circuit
-``W_U W_O W_V W_E`` [output, source] is the transpose of the ``W_E W_V W_O W_U`` [source, output]
-used here.
+so ``W_QK = W_Q @ W_Kᵀ`` and ``W_OV = W_V @ W_O`` are d_model x d_model. Elhage et al. (2021),
+"A Mathematical Framework for Transformer Circuits", use column vectors, where the same maps read
+W_QK = W_Qᵀ W_K and W_OV = W_O W_V. Their OV circuit ``W_U W_O W_V W_E`` [output, source] is the
+transpose of the ``W_E W_V W_O W_U`` [source, output] used here.
 
 Effective embedding and unembedding. The circuits go through the layernorms as follows.
 
@@ -28,8 +28,6 @@ circuits here describe the unmixed bilinear form only.
 """
 
 from __future__ import annotations
-
-import math
 
 import pandas as pd
 import torch
@@ -63,14 +61,14 @@ def layer_norm_rows(x: torch.Tensor, ln: LayerNorm | None) -> torch.Tensor:
 
 @torch.no_grad()
 def effective_embedding(model: AttnOnlyTransformer, layer: int) -> torch.Tensor:
-    """``W_E_eff`` [d_vocab, d_model] for heads in ``layer``: layer's ln1 applied to each row of W_E."""
+    """Apply ``layer``'s ln1 to each row of W_E, giving ``W_E_eff`` [d_vocab, d_model]."""
     check_head(model, layer)
     return layer_norm_rows(model.embed.W_E, model.blocks[layer].ln1)
 
 
 @torch.no_grad()
 def effective_unembedding(model: AttnOnlyTransformer) -> torch.Tensor:
-    """``W_U_eff`` [d_model, d_vocab]: the final gain folded into W_U, centred over d_model."""
+    """Fold the final gain into W_U and centre it over d_model, giving ``W_U_eff``."""
     W_U = model.unembed.W_U.detach().double()
     if model.ln_final is None:
         return W_U
@@ -79,6 +77,24 @@ def effective_unembedding(model: AttnOnlyTransformer) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _ov_factors(model: AttnOnlyTransformer, layer: int, heads: int | slice) -> FactoredMatrix:
+    attn = model.blocks[layer].attn
+    W_E_eff = effective_embedding(model, layer)
+    W_U_eff = effective_unembedding(model)
+    left = W_E_eff @ attn.W_V[heads].detach().double()  # [(head,) d_vocab, d_head]
+    right = attn.W_O[heads].detach().double() @ W_U_eff  # [(head,) d_head, d_vocab]
+    return FactoredMatrix(left, right)
+
+
+@torch.no_grad()
+def _qk_factors(model: AttnOnlyTransformer, layer: int, heads: int | slice) -> FactoredMatrix:
+    attn = model.blocks[layer].attn
+    W_E_eff = effective_embedding(model, layer)
+    queries = W_E_eff @ attn.W_Q[heads].detach().double()  # [(head,) d_vocab, d_head]
+    keys = W_E_eff @ attn.W_K[heads].detach().double()
+    return FactoredMatrix(queries, keys.transpose(-1, -2))
+
+
 def ov_circuits(model: AttnOnlyTransformer, layer: int) -> FactoredMatrix:
     """OV circuits of every head in ``layer``, [n_heads, source token, output token].
 
@@ -86,21 +102,15 @@ def ov_circuits(model: AttnOnlyTransformer, layer: int) -> FactoredMatrix:
     token o when head h attends fully to a key whose token is s. Factored with inner dim d_head.
     """
     check_head(model, layer)
-    attn = model.blocks[layer].attn
-    W_E_eff = effective_embedding(model, layer)
-    W_U_eff = effective_unembedding(model)
-    left = W_E_eff @ attn.W_V.detach().double()  # [head, d_vocab, d_head]
-    right = attn.W_O.detach().double() @ W_U_eff  # [head, d_head, d_vocab]
-    return FactoredMatrix(left, right)
+    return _ov_factors(model, layer, slice(None))
 
 
 def ov_circuit(model: AttnOnlyTransformer, layer: int, head: int) -> FactoredMatrix:
     """OV circuit ``W_E_eff W_V W_O W_U_eff`` [source token, output token] of one head."""
     check_head(model, layer, head)
-    return ov_circuits(model, layer)[head]
+    return _ov_factors(model, layer, head)
 
 
-@torch.no_grad()
 def qk_circuits(model: AttnOnlyTransformer, layer: int) -> FactoredMatrix:
     """QK circuits of every head in ``layer``, [n_heads, query token, key token].
 
@@ -109,17 +119,13 @@ def qk_circuits(model: AttnOnlyTransformer, layer: int) -> FactoredMatrix:
     ``positional_qk``).
     """
     check_head(model, layer)
-    attn = model.blocks[layer].attn
-    W_E_eff = effective_embedding(model, layer)
-    queries = W_E_eff @ attn.W_Q.detach().double()  # [head, d_vocab, d_head]
-    keys = W_E_eff @ attn.W_K.detach().double()
-    return FactoredMatrix(queries, keys.transpose(-1, -2))
+    return _qk_factors(model, layer, slice(None))
 
 
 def qk_circuit(model: AttnOnlyTransformer, layer: int, head: int) -> FactoredMatrix:
     """QK circuit ``W_E_eff W_Q W_Kᵀ W_E_effᵀ`` [query token, key token] of one head, unscaled."""
     check_head(model, layer, head)
-    return qk_circuits(model, layer)[head]
+    return _qk_factors(model, layer, head)
 
 
 @torch.no_grad()
@@ -142,7 +148,7 @@ def positional_qk(model: AttnOnlyTransformer, layer: int, head: int) -> torch.Te
 def direct_path(model: AttnOnlyTransformer) -> FactoredMatrix:
     """Direct path ``LN_final(W_E) @ W_U`` [token, next-token logit].
 
-    Row t is exactly the logits that a model without layers gives after token t; in a model with
+    Row t is exactly the logits that a model without layers gives after token t. In a model with
     layers it is the part of the logits that skips every head. The final layernorm is applied in
     full (gain and bias) to each embedding row, so W_U is used as it is.
     """
@@ -200,7 +206,3 @@ def random_control(config: ModelConfig, seed: int = 0) -> pd.DataFrame:
         model = AttnOnlyTransformer(config)
     return copying_scores(model)
 
-
-def attention_scale(model: AttnOnlyTransformer) -> float:
-    """The 1/sqrt(d_head) factor that turns a QK circuit entry into an attention score."""
-    return 1.0 / math.sqrt(model.cfg.d_head)

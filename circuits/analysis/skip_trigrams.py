@@ -1,9 +1,9 @@
 """Skip-trigrams read off the OV and QK circuits of single heads, over the whole vocabulary.
 
 A head in a one-layer attention-only model implements skip-trigrams "source … destination →
-output": at a destination token d it attends back to an earlier source token s (decided by the
-QK circuit), and the copy of s it moves raises the logit of an output token o (decided by the OV
-circuit). For every source token s this module finds
+output". At a destination token d it attends back to an earlier source token s, as the QK circuit
+decides. The information it moves from s then raises the logit of an output token o, as the OV
+circuit decides. For every source token s this module finds
 
 - its top-k output tokens o by ``ov_score = W_E_eff[s] @ W_OV @ W_U_eff[:, o]``, the logit change
   of o when the head attends fully to s (see ``circuits.analysis.circuits`` for the effective
@@ -166,13 +166,15 @@ def top_skip_trigrams(
     layer: int,
     head: int,
     k: int = 20,
+    source_tokens: Sequence[int] | None = None,
     batch_size: int = 256,
 ) -> pd.DataFrame:
     """Return the head's k strongest skip-trigrams, at most one per source token.
 
     Each source token contributes its best output (largest ov_score) and its best destination
     (largest qk_score). The k sources with the largest best ov_score are returned, in that order,
-    with the columns of ``skip_trigrams``.
+    with the columns of ``skip_trigrams``. ``source_tokens`` limits the candidate sources, for
+    example to tokens that occur often enough in the corpus for the result to matter.
     """
     check_head(model, layer, head)
     if k < 1:
@@ -180,4 +182,12 @@ def top_skip_trigrams(
     vocabulary = _vocabulary(tokenizer, model.cfg.d_vocab)
     tops = source_top_tokens(model, layer, k=1, batch_size=batch_size)
     frame = _trigram_frame(tops, head, vocabulary)
+    if source_tokens is not None:
+        allowed = np.asarray(source_tokens, dtype=np.int64)
+        if allowed.size and (allowed.min() < 0 or allowed.max() >= model.cfg.d_vocab):
+            raise ValueError(
+                f"source_tokens must be ids in [0, {model.cfg.d_vocab}), got range "
+                f"[{allowed.min()}, {allowed.max()}]"
+            )
+        frame = frame[np.isin(frame["source"].to_numpy(), allowed)]
     return frame.head(k).reset_index(drop=True)
