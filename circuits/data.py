@@ -99,9 +99,20 @@ def resolve_files(spec: str | os.PathLike | list) -> list[Path]:
     return files
 
 
-def _load_local(files: list[Path]):
+def _load_local(files: list[Path], progress: bool = True):
     import datasets
 
+    was_enabled = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        return _read_local(datasets, files)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _read_local(datasets, files: list[Path]):
     json_files = [str(p) for p in files if ".json" in p.name]
     text_files = [str(p) for p in files if ".txt" in p.name]
     if json_files and text_files:
@@ -215,7 +226,7 @@ def _build_cache(spec, files, tokenizer, bin_path, meta_path, key, max_documents
     elif spec == PYTHON_STDLIB:
         documents = [path.read_text(encoding="utf-8") for path in files[:max_documents]]
     else:
-        documents = _load_local(files)
+        documents = _load_local(files, progress)
         if max_documents is not None:
             documents = documents.select(range(min(max_documents, len(documents))))
         documents = documents["text"]

@@ -15,13 +15,13 @@ layernorm and only to queries and keys, so
     v_i =  LN(x_i) W_V        = x̂_i (diag(w) W_V) + β W_V         = x̂_i W_V' + b_V
 
 The layernorm bias joins the positional term of queries and keys, so b_Q and b_K have one row per
-position ([n_heads, n_ctx, d_head]); b_V does not depend on the position. The head's output at
-position i is
+position ([n_heads, n_ctx, d_head]). The value bias b_V does not depend on the position. The
+head's output at position i is
 
     Σ_j A[i, j] v_j W_O = Σ_j A[i, j] x̂_j W_V' W_O + (Σ_j A[i, j]) b_V W_O.
 
 Each row of a softmax pattern sums to 1, so the second term is the constant b_O = β W_V W_O per
-head. That holds for the patterns the model computes in evaluation; it fails for a pattern after
+head. That holds for the patterns the model computes in evaluation. It fails for a pattern after
 dropout or for an edited pattern whose rows do not sum to 1, which is why the folded forward pass
 keeps b_V inside the values instead of adding b_O. The unembedding folds the same way:
 LN_final(x) W_U = x̂ (diag(w_f) W_U) + β_f W_U = x̂ W_U' + b_U.
@@ -100,8 +100,8 @@ def fold_positions(state: Mapping[str, torch.Tensor]) -> StateDict:
         W_Q = _require(state, prefix + "W_Q", step)
         W_K = _require(state, prefix + "W_K", step)
         W_V = _require(state, prefix + "W_V", step)
-        out[prefix + "b_Q"] = torch.einsum("pm,hmd->hpd", W_pos, W_Q)
-        out[prefix + "b_K"] = torch.einsum("pm,hmd->hpd", W_pos, W_K)
+        out[prefix + "b_Q"] = W_pos @ W_Q  # [n_heads, n_ctx, d_head]
+        out[prefix + "b_K"] = W_pos @ W_K
         out[prefix + "b_V"] = W_V.new_zeros(W_V.shape[0], W_V.shape[2])
     W_U = _require(state, "unembed.W_U", step)
     out["unembed.b_U"] = W_U.new_zeros(W_U.shape[1])
@@ -127,10 +127,9 @@ def fold_layernorm_bias(state: Mapping[str, torch.Tensor]) -> StateDict:
         beta = out.pop(bias_key)
         prefix = f"blocks.{layer}.attn."
         for name in ("Q", "K"):
-            shift = torch.einsum("m,hmd->hd", beta, state[prefix + f"W_{name}"])
+            shift = beta @ state[prefix + f"W_{name}"]  # [n_heads, d_head]
             out[prefix + f"b_{name}"] = _require(state, prefix + f"b_{name}", step) + shift[:, None]
-        shift = torch.einsum("m,hmd->hd", beta, state[prefix + "W_V"])
-        out[prefix + "b_V"] = _require(state, prefix + "b_V", step) + shift
+        out[prefix + "b_V"] = _require(state, prefix + "b_V", step) + beta @ state[prefix + "W_V"]
     if "ln_final.b" in state:
         beta = out.pop("ln_final.b")
         out["unembed.b_U"] = _require(state, "unembed.b_U", step) + beta @ state["unembed.W_U"]
@@ -207,14 +206,14 @@ def fold_state_dict(
 def _check_config(cfg: ModelConfig) -> None:
     if cfg.positional_embedding_type != "shortformer":
         raise ValueError(
-            "folding covers only positional_embedding_type='shortformer' (positions added to the "
+            "folding supports only positional_embedding_type='shortformer' (positions added to the "
             f"layer-normed queries and keys), got {cfg.positional_embedding_type!r}"
         )
     if not cfg.attn_only:
-        raise ValueError("folding covers only attention-only models (attn_only=True)")
+        raise ValueError("folding supports only attention-only models (attn_only=True)")
     if cfg.normalization_type not in ("LN", None):
         raise ValueError(
-            f"folding covers normalization_type 'LN' or None, got {cfg.normalization_type!r}"
+            f"folding supports normalization_type 'LN' or None, got {cfg.normalization_type!r}"
         )
 
 
@@ -254,7 +253,9 @@ def _check_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{key} has shape {tuple(tensor.shape)}, the config implies {shape}")
         if not tensor.is_floating_point():
-            raise ValueError(f"{key} has dtype {tensor.dtype}; folding needs floating-point weights")
+            raise ValueError(
+                f"{key} has dtype {tensor.dtype}; folding needs floating-point weights"
+            )
 
 
 @dataclass
@@ -264,8 +265,8 @@ class FoldedLayer:
     ``W_Q``, ``W_K``, ``W_V`` [n_heads, d_model, d_head] carry the layernorm gain; ``W_O``
     [n_heads, d_head, d_model] is centred over d_model when the writers were centred. ``b_Q`` and
     ``b_K`` [n_heads, n_ctx, d_head] are (β + W_pos) @ W_Q and (β + W_pos) @ W_K with the weights
-    before the gain; ``b_V`` [n_heads, d_head] is β @ W_V. ``smear`` [n_heads] holds the smeared-key
-    logits, or None.
+    before the gain. ``b_V`` [n_heads, d_head] is β @ W_V. ``smear`` [n_heads] contains the
+    smeared-key logits, or is None.
     """
 
     W_Q: torch.Tensor
@@ -302,7 +303,7 @@ class FoldedWeights:
 
     ``W_E`` [d_vocab, d_model] (centred when ``writers_centred``), ``W_U`` [d_model, d_vocab] with
     the final gain, ``b_U`` [d_vocab] = β_f W_U, and one ``FoldedLayer`` per layer. ``cfg`` is the
-    original model's config; ``normalized`` says whether the 1/σ factors apply.
+    original model's config; ``normalized`` is True when the 1/σ factors apply.
     """
 
     cfg: ModelConfig
@@ -355,7 +356,7 @@ def fold_layernorm(
 ) -> FoldedWeights:
     """Fold a model's layernorms (see the module docstring) into a ``FoldedWeights``.
 
-    ``center_writers`` defaults to True for a model with layernorm and must be False without;
+    ``center_writers`` defaults to True for a model with layernorm and must be False without.
     ``dtype`` (for example ``torch.float64``) converts the weights before folding, so the folding
     itself runs in that precision. The model is not modified.
     """
@@ -375,9 +376,9 @@ def fold_layernorm(
 class FoldedCache(NamedTuple):
     """Activations of ``folded_run_with_cache``, one entry per layer.
 
-    ``patterns[l]`` [batch, head, query, key]; ``head_outputs[l]`` [batch, pos, head, d_model]
-    (including each head's constant b_O); ``resid_pre[l]`` [batch, pos, d_model] with
-    ``resid_pre[n_layers]`` the stream the unembedding reads; ``scales[l]`` [batch, pos, 1] is
+    ``patterns[l]`` is [batch, head, query, key], and ``head_outputs[l]`` [batch, pos, head,
+    d_model] includes each head's constant b_O. ``resid_pre[l]`` is [batch, pos, d_model], with
+    ``resid_pre[n_layers]`` the stream the unembedding reads. ``scales[l]`` [batch, pos, 1] is
     σ of ``resid_pre[l]`` (ones without layernorm), with ``scales[n_layers]`` the final one.
     """
 
@@ -403,7 +404,7 @@ def normalize(folded: FoldedWeights, resid: torch.Tensor, scale: torch.Tensor) -
 
 
 def attention_pattern(layer: FoldedLayer, normed: torch.Tensor) -> torch.Tensor:
-    """Causal softmax pattern [batch, head, query, key] of a folded layer from x̂ [batch, pos, d]."""
+    """Compute a folded layer's causal pattern [batch, head, query, key] from x̂ [batch, pos, d]."""
     n_pos = normed.shape[1]
     q = torch.einsum("bpm,hmd->bhpd", normed, layer.W_Q) + layer.b_Q[None, :, :n_pos]
     k = torch.einsum("bpm,hmd->bhpd", normed, layer.W_K) + layer.b_K[None, :, :n_pos]

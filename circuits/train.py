@@ -75,6 +75,9 @@ class TrainConfig:
     # Steps at which a copy of the weights is kept under snapshots/.
     snapshot_steps: list[int] = field(default_factory=list)
     autocast: bool = True
+    # Log the training probe's per-head measurements at every evaluation (circuits.dynamics).
+    probe: bool = False
+    probe_icl_windows: int = 200
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -294,6 +297,11 @@ def train(
         ).sequential_windows(cfg.eval_windows)
     except DataError as error:
         raise SystemExit(f"error: {error}") from error
+    if metrics_hook is None and cfg.probe:
+        from circuits.dynamics import TrainingProbe
+
+        metrics_hook = TrainingProbe(validation_tokens, run.tokenizer, run.model.n_ctx,
+                                     icl_windows=cfg.probe_icl_windows, seed=cfg.seed)
 
     torch.manual_seed(cfg.seed)
     model = AttnOnlyTransformer(run.model).to(device)

@@ -2,7 +2,8 @@
 
 Convention: row vectors, as in ``circuits.model``. A head reads a residual row x as ``x @ W_Q``, so
 its QK circuit is W_QK = W_Q W_Kᵀ and its OV circuit is W_OV = W_V W_O, both d_model x d_model
-(the paper's column-vector forms are W_QK = W_Qᵀ W_K and W_OV = W_O W_V).
+(Elhage et al. (2021), "A Mathematical Framework for Transformer Circuits", use column vectors and
+write the same maps as W_QK = W_Qᵀ W_K and W_OV = W_O W_V).
 
 Derivation. A source head h1 writes y = x W_OV^h1 into the residual stream, where x is the vector it
 reads at the attended position. A later target head h2 reads y in three places:
@@ -19,16 +20,16 @@ Each score divides the Frobenius norm of the product by the product of its two f
     K = ‖W_OV^h1 (W_QK^h2)ᵀ‖_F / (‖W_OV^h1‖_F ‖W_QK^h2‖_F)
     V = ‖W_OV^h1 W_OV^h2‖_F / (‖W_OV^h1‖_F ‖W_OV^h2‖_F)
 
-Transposing every matrix gives the paper's column-vector forms ‖(W_QK^h2)ᵀ W_OV^h1‖,
-‖W_QK^h2 W_OV^h1‖ and ‖W_OV^h2 W_OV^h1‖. The order of the factors matters: a cyclic permutation
+Transposing every matrix gives the column-vector forms of Elhage et al. ‖(W_QK^h2)ᵀ W_OV^h1‖,
+‖W_QK^h2 W_OV^h1‖ and ‖W_OV^h2 W_OV^h1‖. The order of the factors matters. A cyclic permutation
 such as W_QK^h2 W_OV^h1 in place of W_OV^h1 W_QK^h2 has the same trace but, in general, a different
-Frobenius norm, so the scores are computed from these exact products (``tests/test_composition.py``
-compares them with dense matrices).
+Frobenius norm. The scores are computed from exactly these products, and
+``tests/test_composition.py`` compares them with dense matrices.
 
 Weights with layernorm: W_Q, W_K, W_V carry their layernorm's gain and W_O is centred over d_model
 (``circuits.folding.fold_layernorm``). Biases and positions do not enter the scores. Every norm
-comes from r x r Gram matrices of the factors (``FactoredMatrix.frobenius_norm``, r = d_head), so
-no d_model x d_model product is built.
+comes from r x r Gram matrices of the factors (r = d_head, see ``_scores_from_factors``), so no
+d_model x d_model product is built.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import pandas as pd
 import torch
 
 from circuits.analysis.circuits import head_name
-from circuits.factored import FactoredMatrix
 from circuits.folding import FoldedWeights, fold_layernorm, layernorm_scale
 from circuits.model import AttnOnlyTransformer
 
@@ -67,21 +67,41 @@ def _check_layers(folded: FoldedWeights, source_layer: int, target_layer: int) -
         )
 
 
+def _gram(matrix: torch.Tensor, side: str) -> torch.Tensor:
+    """MᵀM for a [.., d_model, r] factor ("columns") or MMᵀ for a [.., r, d_model] one ("rows")."""
+    if side == "columns":
+        return matrix.transpose(-1, -2) @ matrix
+    return matrix @ matrix.transpose(-1, -2)
+
+
+def _squared_norm(left_gram: torch.Tensor, middle: torch.Tensor, right_gram: torch.Tensor):
+    """‖A M B‖_F² = tr(Mᵀ (AᵀA) M (BBᵀ)) from the r x r Gram matrices of A and B."""
+    # tr(Xᵀ Y) is the sum of the elementwise product of X and Y.
+    return ((left_gram @ middle) * (middle @ right_gram)).sum((-1, -2))
+
+
 def _scores_from_factors(
     V1: torch.Tensor, O1: torch.Tensor, Q2: torch.Tensor, K2: torch.Tensor,
     V2: torch.Tensor, O2: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q, K, V scores for factors with broadcastable batch axes (sources first, targets second).
 
-    V1, Q2, K2, V2 are [..., d_model, d_head]; O1 and O2 are [..., d_head, d_model].
+    V1, Q2, K2, V2 are [..., d_model, d_head]; O1 and O2 are [..., d_head, d_model]. With
+    W_OV^h1 = V1 O1, W_QK^h2 = Q2 K2ᵀ and W_OV^h2 = V2 O2 the three products are
+    V1 (O1 Q2) K2ᵀ, V1 (O1 K2) Q2ᵀ and V1 (O1 V2) O2, each a d_head x d_head core between two
+    factors, so ``_squared_norm`` needs only d_head x d_head matrices.
     """
-    ov_source = FactoredMatrix(V1, O1)
-    qk_target = FactoredMatrix(Q2, K2.transpose(-1, -2))
-    ov_target = FactoredMatrix(V2, O2)
-    ov_norm = ov_source.frobenius_norm()
-    q = (ov_source @ qk_target).frobenius_norm() / (ov_norm * qk_target.frobenius_norm())
-    k = (ov_source @ qk_target.T).frobenius_norm() / (ov_norm * qk_target.frobenius_norm())
-    v = (ov_source @ ov_target).frobenius_norm() / (ov_norm * ov_target.frobenius_norm())
+    gram_V1, gram_O1 = _gram(V1, "columns"), _gram(O1, "rows")
+    gram_Q2, gram_K2 = _gram(Q2, "columns"), _gram(K2, "columns")
+    gram_V2, gram_O2 = _gram(V2, "columns"), _gram(O2, "rows")
+    # ‖XY‖_F² = tr((XᵀX)(YYᵀ)) for the factors' own products; the Gram matrices are symmetric.
+    ov_source = (gram_V1 * gram_O1).sum((-1, -2)).sqrt()
+    qk_target = (gram_Q2 * gram_K2).sum((-1, -2)).sqrt()
+    ov_target = (gram_V2 * gram_O2).sum((-1, -2)).sqrt()
+
+    q = _squared_norm(gram_V1, O1 @ Q2, gram_K2).clamp(min=0).sqrt() / (ov_source * qk_target)
+    k = _squared_norm(gram_V1, O1 @ K2, gram_Q2).clamp(min=0).sqrt() / (ov_source * qk_target)
+    v = _squared_norm(gram_V1, O1 @ V2, gram_O2).clamp(min=0).sqrt() / (ov_source * ov_target)
     return q, k, v
 
 
@@ -157,6 +177,11 @@ def composition_baseline(
     [d_model, d_head] and W_O of shape [d_head, d_model] for the source and the target, and scores
     them exactly as ``composition_scores`` does. The scores do not depend on the scale of a factor,
     so the standard deviation is irrelevant. Deterministic for a given seed.
+
+    Expected value: the source's W_OV has the same distribution as W_OV U for any rotation U, and
+    the mean of ‖W_OV U X‖² over uniformly random rotations U is ‖W_OV‖² ‖X‖² / d_model, so
+    E[score²] = 1/d_model for all three kinds. The mean score is therefore close to, and by
+    Jensen's inequality at most, 1/sqrt(d_model).
     NOTE: the factors are not centred like a folded W_O, a small difference when d_model >> 1.
     """
     for name, value in (("d_model", d_model), ("d_head", d_head), ("n_samples", n_samples)):
@@ -165,7 +190,8 @@ def composition_baseline(
     generator = torch.Generator().manual_seed(seed)
 
     def draw(rows: int, columns: int) -> torch.Tensor:
-        return torch.randn(n_samples, rows, columns, generator=generator, dtype=torch.float64)
+        # Drawn in float32 (about twice as fast as float64 draws), then scored in float64.
+        return torch.randn(n_samples, rows, columns, generator=generator).double()
 
     V1, O1 = draw(d_model, d_head), draw(d_head, d_model)
     Q2, K2 = draw(d_model, d_head), draw(d_model, d_head)
@@ -187,12 +213,12 @@ def model_composition_baseline(
 def composition_table(
     model: AttnOnlyTransformer | FoldedWeights, baseline: CompositionBaseline | None = None
 ) -> pd.DataFrame:
-    """All composition scores as a long DataFrame, one row per (source head, target head, kind).
+    """Tabulate all composition scores, one row per (source head, target head, kind).
 
     Columns: ``source`` and ``target`` (``L{layer}H{head}``), ``source_layer``, ``source_head``,
-    ``target_layer``, ``target_head``, ``composition`` ("q", "k" or "v") and ``score``; with a
-    ``baseline``, also ``baseline`` (the random expectation of that kind). Only pairs with the
-    source in an earlier layer appear, source layer first.
+    ``target_layer``, ``target_head``, ``composition`` ("q", "k" or "v") and ``score``. With a
+    ``baseline``, the column ``baseline`` contains the random expectation of that kind. Only pairs
+    with the source in an earlier layer appear, source layer first.
     """
     rows = []
     for (source_layer, target_layer), scores in all_composition_scores(model).items():
@@ -236,10 +262,10 @@ class KCompositionPositivity:
 
 
 def normalized_embedding(folded: FoldedWeights) -> torch.Tensor:
-    """Each row of W_E centred and divided by its own σ [d_vocab, d_model], as layer 0 reads it.
+    """Return W_E [d_vocab, d_model] with each row centred and divided by its own σ.
 
-    This is layer 0's layernorm without its gain (folded into W_Q, W_K, W_V) and without its bias.
-    Without layernorm it is W_E itself.
+    This is how layer 0 reads the embedding: its layernorm without the gain (folded into W_Q, W_K,
+    W_V) and without the bias. Without layernorm it is W_E itself.
     """
     if not folded.normalized:
         return folded.W_E
@@ -261,9 +287,9 @@ def k_composition_positivity(
         M_h1h2 = Ŵ_E W_QK^h2 (W_OV^h1)ᵀ Ŵ_Eᵀ    [query token, token before the key]
 
     where Ŵ_E is ``normalized_embedding``: the embedding as layer 0's layernorm normalises it,
-    before its gain and without its bias. Ŵ_E also stands for the query token read by the target
-    layer, which assumes that layer's scale σ equals the token's own (an approximation; the
-    biases are left out because they do not pair the query token with the key's previous token).
+    before its gain and without its bias. Ŵ_E also represents the query token read by the target
+    layer, which approximates that layer's scale σ by the token's own. The biases are left out
+    because they do not pair the query token with the key's previous token.
     M[a, b] is the attention score (before 1/sqrt(d_head)) that the query token a gives a key
     whose previous token is b, through h1's output alone. A positive diagonal means "attend where
     the previous token matches me", the induction pattern.
@@ -271,17 +297,21 @@ def k_composition_positivity(
     The ratio Σ Re λ / Σ |λ| of M's eigenvalues is in [-1, 1] (+1: all eigenvalues positive real).
     The eigenvalues come from the d_head x d_head product
     Wᵀ_K2 (W_OV^h1)ᵀ (Ŵ_Eᵀ Ŵ_E) W_Q2, which has the same nonzero eigenvalues as M; the trace of
-    Σ_h1 prev(h1) M_h1h2 is that product's trace. ``previous_token_scores`` [n_heads] weights the
-    heads of ``source_layer``.
+    Σ_h1 prev(h1) M_h1h2 is that product's trace. ``previous_token_scores`` weights the heads of
+    ``source_layer``: a tensor [n_heads], or [n_layers, n_heads] (the shape that
+    ``circuits.analysis.attention.previous_token_scores`` returns), whose row ``source_layer`` is
+    used.
     """
     folded = _as_folded(model)
     _check_layers(folded, source_layer, target_layer)
     n_heads = folded.cfg.n_heads
     weights = torch.as_tensor(previous_token_scores, dtype=folded.dtype)
+    if weights.shape == (folded.cfg.n_layers, n_heads):
+        weights = weights[source_layer]
     if weights.shape != (n_heads,):
         raise ValueError(
             f"previous_token_scores must have shape [{n_heads}] (one per head of layer "
-            f"{source_layer}), got {tuple(weights.shape)}"
+            f"{source_layer}) or [{folded.cfg.n_layers}, {n_heads}], got {tuple(weights.shape)}"
         )
 
     source = folded.layers[source_layer]

@@ -5,11 +5,12 @@ Definitions, for a window of tokens t_0 … t_{n-1} with BOS at index 0:
 - The loss of the token at index i (1 <= i <= n - 1) is −log p(t_i | t_0 … t_{i-1}), the
   cross-entropy in nats of the logits at position i − 1 against t_i. Index 0 has no loss.
 - The loss by context position is, for every index i, the mean of that loss over the windows.
-- The in-context learning score is mean loss at a late index minus mean loss at an early one,
-  (500, 50) as in Olsson et al. (2022), "In-context Learning and Induction Heads". A negative
-  score means later tokens are predicted better, so the model uses the context. Windows shorter
-  than 512 tokens use round(0.9 n) and round(0.1 n) instead (rounding half up, capped to
-  [1, n − 1]); the result records the indices it used.
+- The in-context learning score is the mean loss at a late index minus the mean loss at an
+  early one, by default 500 and 50 as in Olsson et al. (2022), "In-context Learning and
+  Induction Heads" (arXiv:2209.11895). A negative score means later tokens are predicted better,
+  so the model uses the context. Windows shorter than 512 tokens use round(0.9 n) and
+  round(0.1 n) instead, rounding half up and capped to [1, n − 1]. The result records the
+  indices it used.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def icl_indices(n_pos: int) -> tuple[int, int]:
     late = min((9 * n_pos + 5) // 10, n_pos - 1)
     early = max((n_pos + 5) // 10, 1)
     if early >= late:
-        raise ValueError(f"windows of {n_pos} tokens are too short for an in-context learning score")
+        raise ValueError(
+            f"windows of {n_pos} tokens are too short for an in-context learning score"
+        )
     return late, early
 
 
@@ -76,12 +79,6 @@ def _check_windows(windows: torch.Tensor, bos_token_id: int | None) -> None:
 LogitsFunction = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _logits_function(model) -> LogitsFunction:
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    return model
-
-
 @torch.no_grad()
 def mean_token_losses(
     model: torch.nn.Module | LogitsFunction,
@@ -89,20 +86,27 @@ def mean_token_losses(
     batch_size: int = 8,
     bos_token_id: int | None = None,
 ) -> torch.Tensor:
-    """Mean loss of the token at each index over the windows, float64 [pos − 1] (entry i − 1: index i).
+    """Average each index's token loss over the windows: float64 [pos − 1], entry i − 1 for index i.
 
     ``model`` is any callable from tokens [batch, pos] to logits [batch, pos, d_vocab], such as an
-    ``AttnOnlyTransformer`` (put into eval mode). Windows run in batches of ``batch_size``; with
-    ``bos_token_id`` every window must start with it.
+    ``AttnOnlyTransformer``, which runs in eval mode and gets its training mode back afterwards.
+    Windows run in batches of ``batch_size``. With ``bos_token_id``, every window must start with
+    it.
     """
     _check_windows(windows, bos_token_id)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    forward = _logits_function(model)
-    total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start:start + batch_size]
-        total += token_losses(forward(batch), batch).double().sum(0)
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start:start + batch_size]
+            total += token_losses(model(batch), batch).double().sum(0)
+    finally:
+        if was_training:
+            model.train()
     return total / windows.shape[0]
 
 
@@ -120,7 +124,7 @@ def loss_by_position(
 
 @dataclass
 class ICLScore:
-    """An in-context learning score: ``late_loss − early_loss`` (nats) over ``n_windows`` windows."""
+    """An in-context learning score, ``late_loss − early_loss`` in nats, over ``n_windows``."""
 
     score: float
     late_index: int
@@ -177,10 +181,10 @@ def in_context_learning_score(
 def validation_windows(
     tokens: np.ndarray, n_ctx: int, bos_token_id: int, n_windows: int = 1000
 ) -> torch.Tensor:
-    """The first ``n_windows`` non-overlapping windows of a token stream, each starting with BOS.
+    """Cut the first ``n_windows`` non-overlapping windows, each starting with BOS, from a stream.
 
-    Raises ValueError when the stream holds fewer windows than requested, so a score is never
-    computed on fewer windows than asked for without notice.
+    Raises ValueError when the stream contains fewer windows than requested, so a score is never
+    computed on fewer windows than requested without notice.
     """
     windows = WindowSampler(tokens, n_ctx, bos_token_id).sequential_windows(n_windows)
     if windows.shape[0] < n_windows:
