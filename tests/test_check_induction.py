@@ -36,7 +36,7 @@ def test_forward_matches_package(tmp_path, overrides):
     tokens = np.array([256, 5, 17, 200, 5, 17, 3])
     logits, patterns = check_induction.forward(weights, config, tokens)
     with torch.no_grad():
-        expected, cache = model.double().run_with_cache(torch.tensor([tokens]))
+        expected, cache = model.double().run_with_cache(torch.from_numpy(tokens)[None])
     np.testing.assert_allclose(logits, expected[0].numpy(), atol=1e-9)
     for layer, pattern in enumerate(patterns):
         np.testing.assert_allclose(pattern, cache.patterns[layer][0].numpy(), atol=1e-12)
