@@ -4,7 +4,8 @@
 # the last install; after it the targets run offline.
 #
 #   make book    execute every chapter, then build the site into _build/html/
-#   make test    unit tests, then `make book`, then checks on the built site
+#   make test    unit tests, then `make book`, then checks on the built site,
+#                in a browser too, all with the network blocked
 #   make strip   clear outputs from the committed chapter notebooks
 #   make clean   remove _build/ and .executed/
 
@@ -23,7 +24,7 @@ CELL_TIMEOUT ?= 600
 # unchanged pages are not lost, and -W turns warnings into errors.
 BOOK_FLAGS ?= --all -W
 
-.PHONY: book test execute strip clean
+.PHONY: book test execute strip clean chromium
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
@@ -46,10 +47,17 @@ book: execute
 	$(VENV)/bin/jupyter-book build . $(BOOK_FLAGS)
 	@echo "Book built: $(CURDIR)/_build/html/index.html"
 
-test: $(INSTALLED)
-	$(VENV_PYTHON) -m pytest tests --ignore=tests/test_book_build.py
-	$(MAKE) --no-print-directory book
-	CIRCUITS_BOOK_HTML=_build/html $(VENV_PYTHON) -m pytest tests/test_book_build.py
+# The browser checks drive Debian's chromium; install it when it is missing.
+chromium:
+	@command -v chromium > /dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+# Everything after the install runs through scripts/offline, with the network blocked.
+SITE_TESTS := tests/test_book_build.py tests/test_site_browser.py
+
+test: $(INSTALLED) chromium
+	scripts/offline $(VENV_PYTHON) -m pytest tests $(SITE_TESTS:%=--ignore=%)
+	scripts/offline $(MAKE) --no-print-directory book
+	CIRCUITS_BOOK_HTML=_build/html scripts/offline $(VENV_PYTHON) -m pytest $(SITE_TESTS)
 
 # Clears outputs, execution counts and the per-cell timing metadata that
 # nbclient records, and keeps every other cell metadata field (tags included).

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 
 import pytest
 import torch
@@ -16,6 +18,34 @@ SAMPLE_TEXT = (
     "Tobin carried the rope and Mara carried the lantern, and they walked until the mill "
     "came into view. "
 )
+
+
+def is_loopback(address) -> bool:
+    """True for an AF_INET/AF_INET6 address tuple on the loopback network, or a Unix socket path."""
+    if isinstance(address, (str, bytes)):
+        return True
+    host = address[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_network():
+    """Reject connections to any host but loopback, so a test never depends on the network."""
+    real_connect = socket.socket.connect
+
+    def guarded_connect(self, address):
+        if not is_loopback(address):
+            raise OSError(f"network access is disabled in tests (connection to {address!r})")
+        return real_connect(self, address)
+
+    socket.socket.connect = guarded_connect
+    yield
+    socket.socket.connect = real_connect
 
 
 @pytest.fixture(autouse=True)
