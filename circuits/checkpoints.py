@@ -247,3 +247,38 @@ def load_checkpoint(
 
 def load_model(name_or_path: str | os.PathLike, **kwargs) -> AttnOnlyTransformer:
     return load_checkpoint(name_or_path, **kwargs).model
+
+
+SNAPSHOT_DIR = "snapshots"
+
+
+def list_snapshots(name_or_path: str | os.PathLike) -> list[int]:
+    """Training steps of the snapshots kept in a checkpoint folder, ascending."""
+    folder = resolve_checkpoint(name_or_path) / SNAPSHOT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(int(path.stem.split("-")[1]) for path in folder.glob("step-*.safetensors"))
+
+
+def load_snapshot(name_or_path: str | os.PathLike, step: int) -> AttnOnlyTransformer:
+    """The model as it was at training step ``step``, from ``snapshots/step-N.safetensors``.
+
+    Shipped snapshots are stored in float16; the model is returned in float32 and eval mode.
+    """
+    folder = resolve_checkpoint(name_or_path)
+    path = folder / SNAPSHOT_DIR / f"step-{step:06d}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: no snapshot for step {step}; available steps: {list_snapshots(folder)}"
+        )
+    model_config = ModelConfig.from_dict(read_config(folder))
+    model = AttnOnlyTransformer(model_config)
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    try:
+        model.load_state_dict({key: value.float() for key, value in state.items()})
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not match {folder / CONFIG_FILE}: {error}") from error
+    return model.eval()

@@ -144,3 +144,21 @@ def test_shipped_checkpoints_load():
     for name in list_shipped():
         checkpoint = load_checkpoint(name)
         assert checkpoint.model.cfg.d_vocab == checkpoint.tokenizer.d_vocab
+
+
+def test_snapshots_listed_and_loaded(saved):
+    from safetensors.torch import save_file as save_tensors
+
+    from circuits.checkpoints import list_snapshots, load_snapshot
+
+    model, folder = saved
+    (folder / "snapshots").mkdir()
+    for step in (30, 5):
+        save_tensors({k: v.half() for k, v in model.state_dict().items()},
+                     folder / "snapshots" / f"step-{step:06d}.safetensors")
+    assert list_snapshots(folder) == [5, 30]
+    snapshot = load_snapshot(folder, 30)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(snapshot.state_dict()[key], value.half().float())
+    with pytest.raises(CheckpointError, match="no snapshot for step 7; available steps: \\[5, 30\\]"):
+        load_snapshot(folder, 7)
