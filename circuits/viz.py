@@ -146,12 +146,13 @@ def show(fig, div_id: str | None = None, config: dict | None = None) -> None:
 # ---------------------------------------------------------------------------
 # Figures of the zero-layer and one-layer chapters.
 #
-# Each function returns a plotly Figure and never shows it. Dropdowns switch
-# traces on and off ("update" with a visibility list) or replace trace data
-# ("restyle"), both of which plotly.js runs in the browser without a kernel.
-# Matrices go in as float32 numpy arrays, which plotly stores as base64 typed
-# arrays, about 5.3 characters per value.
+# Each function returns a plotly Figure and never shows it. Dropdowns and
+# sliders run plotly "update" methods, which either switch traces on and off
+# or replace trace data, and plotly.js runs both in the browser without a
+# kernel. Matrices go in as float32 numpy arrays, which plotly stores as
+# base64 typed arrays, about 5.3 characters per value.
 # ---------------------------------------------------------------------------
+
 
 def token_label(text: str) -> str:
     """Return a token's display string quoted, with whitespace escaped and HTML made inert.
@@ -174,7 +175,22 @@ def token_labels(strings, ids=None) -> list[str]:
     return [f"{label} #{i}" if seen[label] > 1 else label for label, i in zip(labels, ids)]
 
 
-def _visibility_buttons(names, traces_per_item: int, fixed_traces: int = 0, titles=None) -> list[dict]:
+def quoted_tokens(frame):
+    """Return a copy of a DataFrame with every ``*_str`` column quoted by ``repr``.
+
+    For tables that pandas renders, which escape HTML themselves: a leading space or a newline
+    stays visible. Spaces become no-break spaces, so a narrow column never wraps a token.
+    """
+    frame = frame.copy()
+    for column in frame.columns:
+        if str(column).endswith("_str"):
+            frame[column] = [repr(text).replace(" ", "\u00a0") for text in frame[column]]
+    return frame
+
+
+def _visibility_buttons(
+    names, traces_per_item: int, fixed_traces: int = 0, titles=None
+) -> list[dict]:
     """Dropdown buttons that show one item's traces at a time.
 
     Traces are laid out item by item, ``traces_per_item`` each, followed by ``fixed_traces``
@@ -194,46 +210,65 @@ def _visibility_buttons(names, traces_per_item: int, fixed_traces: int = 0, titl
     return buttons
 
 
-def _dropdown(buttons: list[dict], x: float = 0.0, y: float = 1.15) -> dict:
+def _dropdown(buttons: list[dict], x: float = 1.0, xanchor: str = "right") -> dict:
+    """Return a dropdown menu just above the plot area, right-aligned by default.
+
+    Figures that use it leave a top margin of about 110 pixels, so the title sits above the menu.
+    """
     return {
         "buttons": buttons,
         "direction": "down",
         "showactive": True,
         "x": x,
-        "xanchor": "left",
-        "y": y,
-        "yanchor": "top",
+        "xanchor": xanchor,
+        "y": 1.02,
+        "yanchor": "bottom",
     }
 
 
-def kl_histogram(kl, source_counts, n_bins: int = 60, title: str | None = None) -> go.Figure:
-    """Histogram of per-source KL divergences, by token or weighted by how often each occurs.
+# Top margin in pixels of figures with a dropdown: room for the title above the menu.
+MENU_MARGIN = {"t": 110}
 
-    ``kl`` and ``source_counts`` are [d_vocab] arrays; sources with NaN KL or zero count are left
-    out. A dropdown switches between counting source tokens and counting corpus pairs, and a
-    dashed line marks the count-weighted mean.
+
+def kl_histogram(kl, source_counts, n_bins: int = 50, title: str | None = None) -> go.Figure:
+    """Histogram of per-source KL divergences on a log scale, by token or by occurrence.
+
+    ``kl`` and ``source_counts`` are [d_vocab] arrays; sources with a NaN or non-positive KL, or a
+    zero count, are left out. The bins are evenly spaced in log10(KL) and drawn as bars at their
+    log10 centres, with tick labels in nats. A dropdown switches between counting source tokens
+    and weighting each by its count (the share of corpus pairs), and a dashed line marks the
+    count-weighted mean.
     """
     kl = np.asarray(kl, dtype=np.float64)
     weights = np.asarray(source_counts, dtype=np.float64)
-    keep = np.isfinite(kl) & (weights > 0)
+    keep = np.isfinite(kl) & (kl > 0) & (weights > 0)
     kl, weights = kl[keep], weights[keep]
     weighted_mean = float(np.average(kl, weights=weights))
-    bins = {"start": 0.0, "end": float(kl.max()) * 1.0001, "size": float(kl.max()) / n_bins}
+
+    log_kl = np.log10(kl)
+    edges = np.linspace(log_kl.min(), log_kl.max(), n_bins + 1)
+    tokens_per_bin, _ = np.histogram(log_kl, bins=edges)
+    share_per_bin, _ = np.histogram(log_kl, bins=edges, weights=weights / weights.sum())
+    centres = (edges[:-1] + edges[1:]) / 2
+    ranges = [f"{10 ** low:.3g} to {10 ** high:.3g}" for low, high in zip(edges[:-1], edges[1:])]
+    width = float(edges[1] - edges[0])
 
     fig = go.Figure()
-    fig.add_trace(go.Histogram(
-        x=kl.astype(np.float32), xbins=bins, name="source tokens",
-        hovertemplate="KL %{x}<br>%{y} source tokens<extra></extra>",
+    fig.add_trace(go.Bar(
+        x=centres.astype(np.float32), y=tokens_per_bin, width=width, customdata=ranges,
+        name="source tokens",
+        hovertemplate="KL %{customdata} nats<br>%{y} source tokens<extra></extra>",
     ))
-    fig.add_trace(go.Histogram(
-        x=kl.astype(np.float32), y=(weights / weights.sum()).astype(np.float32), histfunc="sum",
-        xbins=bins, name="share of corpus pairs", visible=False,
-        hovertemplate="KL %{x}<br>%{y:.2%} of corpus pairs<extra></extra>",
+    fig.add_trace(go.Bar(
+        x=centres.astype(np.float32), y=share_per_bin.astype(np.float32), width=width,
+        customdata=ranges, name="share of corpus pairs", visible=False,
+        hovertemplate="KL %{customdata} nats<br>%{y:.2%} of corpus pairs<extra></extra>",
     ))
     fig.add_vline(
-        x=weighted_mean, line_dash="dash", line_color="black",
+        x=float(np.log10(weighted_mean)), line_dash="dash", line_color="black",
         annotation_text=f"weighted mean {weighted_mean:.3f}", annotation_position="top right",
     )
+    decades = np.arange(np.floor(edges[0]), np.ceil(edges[-1]) + 1)
     buttons = [
         {"label": "count source tokens", "method": "update",
          "args": [{"visible": [True, False]}, {"yaxis.title.text": "source tokens"}]},
@@ -242,38 +277,48 @@ def kl_histogram(kl, source_counts, n_bins: int = 60, title: str | None = None) 
     ]
     fig.update_layout(
         title=title or "KL(corpus ‖ model) per source token",
-        xaxis_title="KL divergence (nats)",
+        xaxis={"title": "KL divergence (nats, log scale)", "tickvals": decades.tolist(),
+               "ticktext": [f"{10 ** d:g}" for d in decades]},
         yaxis_title="source tokens",
-        bargap=0.05,
+        bargap=0.0,
         showlegend=False,
-        updatemenus=[_dropdown(buttons, x=0.55)],
+        updatemenus=[_dropdown(buttons)],
+        margin=MENU_MARGIN,
     )
     return fig
 
 
-def next_token_bars(frame, distributions, title: str | None = None, max_tokens: int = 16) -> go.Figure:
-    """Grouped bars of next-token probabilities per source token, with a source dropdown.
+def next_token_bars(
+    frame, distributions, title: str | None = None, max_tokens: int = 16
+) -> go.Figure:
+    """Grouped bars of next-token probabilities per source token, with a slider over sources.
 
     ``frame`` has the columns of ``circuits.analysis.bigram_tables.next_token_comparison``:
     ``source``, ``source_str``, ``token``, ``token_str`` and one probability column per name in
-    ``distributions`` (for example ``["corpus", "model"]``). Each dropdown entry replaces the bars'
-    data (a "restyle"), so the page holds only one set of traces. Each source shows at most
-    ``max_tokens`` next tokens, in the frame's order.
+    ``distributions`` (for example ``["corpus", "model"]``). Sources keep the frame's order along
+    the slider, whose current value names the source. Each step replaces the bars' data (an
+    "update"), so the page contains one set of traces, and each source shows at most ``max_tokens``
+    next tokens, in the frame's order. A slider rather than a dropdown, because a dropdown of
+    hundreds of entries only scrolls with the mouse wheel.
     """
     distributions = list(distributions)
     sources = list(dict.fromkeys(frame["source"].tolist()))
-    per_source = {source: group.head(max_tokens) for source, group in frame.groupby("source", sort=False)}
+    per_source = {
+        source: group.head(max_tokens) for source, group in frame.groupby("source", sort=False)
+    }
 
     def source_data(source):
         group = per_source[source]
         labels = token_labels(group["token_str"], group["token"])
         xs = [labels] * len(distributions)
-        ys = [[round(float(v), 5) for v in np.nan_to_num(group[name].to_numpy())] for name in distributions]
+        ys = [
+            [round(float(v), 5) for v in np.nan_to_num(group[name].to_numpy())]
+            for name in distributions
+        ]
         return xs, ys
 
-    def source_title(source):
-        text = per_source[source]["source_str"].iloc[0]
-        return f"Next token after {token_label(text)}"
+    def source_label(source):
+        return token_label(per_source[source]["source_str"].iloc[0])
 
     first = sources[0]
     xs, ys = source_data(first)
@@ -284,23 +329,44 @@ def next_token_bars(frame, distributions, title: str | None = None, max_tokens: 
             hovertemplate="%{x}<br>" + name + ": %{y:.2%}<extra></extra>",
         ))
 
-    buttons = []
+    steps = []
     for source in sources:
         xs, ys = source_data(source)
-        buttons.append({
-            "label": token_label(per_source[source]["source_str"].iloc[0]),
+        steps.append({
+            "label": source_label(source),
             "method": "update",
-            "args": [{"x": xs, "y": ys}, {"title.text": source_title(source)}],
+            "args": [
+                {"x": xs, "y": ys},
+                {"title.text": f"Next token after {source_label(source)}"},
+            ],
         })
     fig.update_layout(
-        title=title or source_title(first),
+        title=title or f"Next token after {source_label(first)}",
         barmode="group",
         xaxis_title="next token",
         yaxis_title="probability",
         yaxis_tickformat=".0%",
-        updatemenus=[_dropdown(buttons, x=1.0, y=1.18) | {"xanchor": "right"}],
-        legend={"orientation": "h", "y": -0.25},
-        margin={"t": 90},
+        legend={"orientation": "h", "x": 1.0, "xanchor": "right", "y": 1.02, "yanchor": "bottom"},
+        sliders=[{
+            "active": 0,
+            "steps": steps,
+            "currentvalue": {
+                "prefix": f"source token (1 to {len(sources)}, most frequent first): ",
+                "font": {"color": "#2a3f5f", "size": 14},
+            },
+            # One label per step would overlap, so the step labels and ticks are transparent; the
+            # current value above the slider names the chosen source.
+            "font": {"color": "rgba(0, 0, 0, 0)"},
+            "tickcolor": "rgba(0, 0, 0, 0)",
+            "ticklen": 0,
+            "minorticklen": 0,
+            "len": 1.0,
+            "y": -0.2,
+            "yanchor": "top",
+            "pad": {"t": 10},
+        }],
+        height=560,
+        margin={"b": 150, "t": 90},
     )
     return fig
 
@@ -310,7 +376,8 @@ def kl_scatter(frame, x: str, y: str, title: str | None = None) -> go.Figure:
 
     ``frame`` has the columns of ``circuits.analysis.bigram_tables.per_source_kl``: ``source``,
     ``source_str``, ``count`` and the KL columns named ``x`` and ``y``. Marker size grows with the
-    log of the count; a dashed diagonal marks equal KL.
+    log of the count. Both axes are logarithmic, so a KL of 0 is not drawn; a dashed diagonal
+    marks equal KL.
     """
     labels = [token_label(text) for text in frame["source_str"]]
     counts = frame["count"].to_numpy(dtype=np.float64)
@@ -325,15 +392,16 @@ def kl_scatter(frame, x: str, y: str, title: str | None = None) -> go.Figure:
         + ": %{y:.3f}<br>%{customdata} occurrences<extra></extra>",
         name="source tokens",
     ))
-    limit = float(max(np.nanmax(xs), np.nanmax(ys))) * 1.05
+    positive = np.concatenate([xs[xs > 0], ys[ys > 0]])
+    low, high = float(positive.min()) / 1.2, float(positive.max()) * 1.2
     fig.add_trace(go.Scatter(
-        x=[0, limit], y=[0, limit], mode="lines", line={"dash": "dash", "color": "grey"},
+        x=[low, high], y=[low, high], mode="lines", line={"dash": "dash", "color": "grey"},
         name="equal KL", hoverinfo="skip",
     ))
     fig.update_layout(
         title=title or f"KL per source token: {x} vs {y}",
-        xaxis_title=f"KL(corpus ‖ {x}) (nats)",
-        yaxis_title=f"KL(corpus ‖ {y}) (nats)",
+        xaxis={"title": f"KL(corpus ‖ {x}) (nats)", "type": "log"},
+        yaxis={"title": f"KL(corpus ‖ {y}) (nats)", "type": "log"},
         showlegend=False,
     )
     return fig
@@ -344,7 +412,8 @@ def logit_term_heatmap(frame, title: str | None = None) -> go.Figure:
 
     ``frame`` has the columns of ``circuits.analysis.logit_terms.target_logit_terms``:
     ``position``, ``token_str``, ``next_str``, ``term`` and ``value``. Rows keep the order in
-    which terms first appear; the colour scale is centred on 0.
+    which terms first appear, and the x axis labels each position with its current token. The
+    colour scale is centred on 0.
     """
     terms = list(dict.fromkeys(frame["term"].tolist()))
     table = frame.pivot(index="term", columns="position", values="value").loc[terms]
@@ -363,9 +432,10 @@ def logit_term_heatmap(frame, title: str | None = None) -> go.Figure:
     ))
     fig.update_layout(
         title=title or "Logit of the actual next token, split into path terms",
-        xaxis_title="position",
+        xaxis={"title": "current token (position)", "tickvals": positions, "ticktext": current,
+               "tickangle": -90, "tickfont": {"size": 9}},
         yaxis={"autorange": "reversed"},
-        height=120 + 28 * len(terms),
+        height=220 + 28 * len(terms),
     )
     return fig
 
@@ -378,18 +448,21 @@ def circuit_heatmaps(
     y_title: str,
     title: str,
     value_name: str = "value",
+    saturation_quantile: float = 0.995,
 ) -> go.Figure:
-    """One heatmap per head [n_heads, rows, columns] with a head dropdown.
+    """Draw one heatmap per head [n_heads, rows, columns], with a head dropdown.
 
     ``labels`` name the tokens of both axes (the same token set in the same order, as in a QK or
-    OV circuit restricted to chosen tokens). Each head gets its own symmetric colour range around
-    0, so the structure of a weak head stays visible.
+    OV circuit restricted to chosen tokens). Each head gets its own colour range, symmetric
+    around 0 and set by the ``saturation_quantile`` of its absolute values, so that a few extreme
+    entries do not wash out the rest. Entries beyond it show the end colour, and hover shows
+    every value.
     """
     matrices = np.asarray(matrices, dtype=np.float32)
     labels = list(labels)
     fig = go.Figure()
     for index, name in enumerate(head_names):
-        limit = float(np.abs(matrices[index]).max()) or 1.0
+        limit = float(np.quantile(np.abs(matrices[index]), saturation_quantile)) or 1.0
         fig.add_trace(go.Heatmap(
             z=matrices[index], x=labels, y=labels, zmid=0, zmin=-limit, zmax=limit,
             colorscale="RdBu", visible=index == 0, name=str(name),
@@ -403,9 +476,9 @@ def circuit_heatmaps(
         xaxis={"title": x_title, "showticklabels": False},
         yaxis={"title": y_title, "showticklabels": False, "autorange": "reversed",
                "scaleanchor": "x"},
-        height=650,
-        updatemenus=[_dropdown(_visibility_buttons(head_names, 1, titles=titles), x=1.0, y=1.12)
-                     | {"xanchor": "right"}],
+        height=680,
+        updatemenus=[_dropdown(_visibility_buttons(head_names, 1, titles=titles))],
+        margin=MENU_MARGIN,
     )
     return fig
 
@@ -444,14 +517,14 @@ def ov_eigenvalue_figure(eigenvalues, scores) -> go.Figure:
         barmode="group",
         height=480,
         legend={"orientation": "h", "x": 0.56, "y": -0.15},
-        updatemenus=[_dropdown(buttons, x=0.0, y=1.2)],
-        margin={"t": 100},
+        updatemenus=[_dropdown(buttons, x=0.0, xanchor="left") | {"y": 1.12}],
+        margin={"t": 120},
     )
     return fig
 
 
 def head_tables(frames, columns, headers=None, title: str | None = None) -> go.Figure:
-    """A plotly Table per head with a head dropdown.
+    """Build a plotly Table per head, with a head dropdown.
 
     ``frames`` maps a head name to a DataFrame; ``columns`` are the columns shown, with
     ``headers`` as their titles (default: the column names). Float columns are shown with three
@@ -479,10 +552,10 @@ def head_tables(frames, columns, headers=None, title: str | None = None) -> go.F
     titles = [f"{title}: {name}" if title else name for name in names]
     fig.update_layout(
         title=titles[0],
-        height=80 + 26 * max((len(frame) for frame in frames.values()), default=1) + 60,
-        updatemenus=[_dropdown(_visibility_buttons(names, 1, titles=titles), x=1.0, y=1.12)
-                     | {"xanchor": "right"}],
-        margin={"t": 80, "b": 10},
+        # Room for the title and menu, the header, then about 22 pixels per row.
+        height=170 + 22 * max((len(frame) for frame in frames.values()), default=1),
+        updatemenus=[_dropdown(_visibility_buttons(names, 1, titles=titles))],
+        margin=MENU_MARGIN | {"b": 10},
     )
     return fig
 
@@ -521,7 +594,7 @@ def skip_trigram_bug_figure(effects) -> go.Figure:
     """Grouped bars of a head's logit effect on two outputs after two destinations, per example.
 
     ``effects`` has the columns of ``circuits.analysis.skip_trigram_bugs.skip_trigram_bug_effects``.
-    For each example the x axis holds the contexts "source … destination", and each output gets
+    For each example the x axis shows the contexts "source … destination", and each output gets
     one bar colour; a dropdown chooses the example. Every example needs the same number of
     outputs, because the dropdown shows a fixed number of traces per example.
     """
@@ -569,8 +642,9 @@ def skip_trigram_bug_figure(effects) -> go.Figure:
         barmode="group",
         yaxis_title="head's logit effect (centred over the vocabulary)",
         xaxis_title="context (source … destination)",
-        updatemenus=[_dropdown(_visibility_buttons(labels, traces_per_example or 1, titles=titles),
-                               x=1.0, y=1.2) | {"xanchor": "right"}],
-        margin={"t": 100},
+        updatemenus=[
+            _dropdown(_visibility_buttons(labels, traces_per_example or 1, titles=titles))
+        ],
+        margin=MENU_MARGIN,
     )
     return fig

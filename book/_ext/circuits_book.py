@@ -146,11 +146,47 @@ def write_plotly_js(app):
     (static_dir / PLOTLY_JS).write_text(get_plotlyjs(), encoding="utf-8")
 
 
+def set_default_theme_mode(app, config) -> None:
+    """Give the theme a colour mode before the reader picks one.
+
+    Without it, pydata-sphinx-theme (0.17, under sphinx-book-theme 1.3) starts every fresh
+    browser profile in mode "" and logs "Got invalid theme mode" to the console.
+    """
+    context = dict(config.html_context or {})
+    context.setdefault("default_mode", "auto")
+    config.html_context = context
+
+
+def remove_duplicate_scripts(app, pagename, templatename, context, doctree) -> None:
+    """Drop repeated script entries from a page.
+
+    Jupyter Book 1 registers sphinx-thebe's inline configuration script twice, and the second
+    copy fails in the browser ("Identifier 'THEBE_JS_URL' has already been declared").
+    """
+    scripts = context.get("script_files")
+    if not scripts:
+        return
+    seen = set()
+    unique = []
+    for script in scripts:
+        # An inline script's filename is None in one copy and "" in the other, so compare what
+        # the page would contain.
+        key = (str(getattr(script, "filename", script) or ""),
+               getattr(script, "attributes", {}).get("body"))
+        if key not in seen:
+            seen.add(key)
+            unique.append(script)
+    context["script_files"] = unique
+
+
 def setup(app):
     app.add_config_value("circuits_notebook_dir", "book", "env")
     app.add_config_value("circuits_executed_dir", ".executed", "env")
     app.connect("source-read", insert_executed_outputs)
     app.connect("builder-inited", write_plotly_js)
+    app.connect("config-inited", set_default_theme_mode)
+    # Runs after the other extensions (priority 500) have added their scripts.
+    app.connect("html-page-context", remove_duplicate_scripts, priority=900)
     # Non-HTML builders ignore JavaScript files.
     app.add_js_file(PLOTLY_JS)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
