@@ -2,6 +2,7 @@
 
     python -m circuits.train configs/attn-only-2l.toml --out checkpoints/attn-only-2l
     python -m circuits.train configs/attn-only-2l.toml --out checkpoints/attn-only-2l --resume
+    torchrun --standalone --nproc_per_node=2 -m circuits.train configs/attn-only-2l.toml --out ...
 
 The optimiser is AdamW with linear warm-up then cosine decay and gradient clipping, under bf16
 autocast (CPU or CUDA). Every ``checkpoint_every`` steps the run writes
@@ -14,6 +15,13 @@ autocast (CPU or CUDA). Every ``checkpoint_every`` steps the run writes
 A run killed at any moment therefore continues with ``--resume`` from the last complete state.
 Batches and dropout masks are pure functions of (seed, step), so on CPU a resumed run ends with the
 same parameters and the same logged losses, bit for bit, as an uninterrupted one.
+
+Under ``torchrun`` the run is data-parallel, with DistributedDataParallel over gloo on CPU and
+NCCL on CUDA. Every rank builds the same global batch of ``batch_size`` windows and trains on its
+own contiguous slice of ``batch_size / world_size`` windows, so the global batch at each step is
+the single-process one. Only rank 0 evaluates and writes checkpoints and logs. The logged training
+loss is the mean over all ranks. Dropout masks are drawn per rank and therefore differ from the
+single-process run's.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from circuits.checkpoints import (
     CONFIG_FILE,
@@ -78,6 +87,10 @@ class TrainConfig:
     # Log the training probe's per-head measurements at every evaluation (circuits.dynamics).
     probe: bool = False
     probe_icl_windows: int = 200
+    # Run the loss under torch.compile. The first step then compiles, for 20-35 s with the
+    # 2-layer configuration on a 2-core CPU, where later steps were at most 9% faster
+    # (benchmarks/RESULTS.md).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -263,6 +276,62 @@ def make_train_sampler(run: RunConfig, progress: bool):
     return MixtureSampler(samplers, [weight for _, weight in mixture]), record
 
 
+def load_training_data(run: RunConfig, progress: bool):
+    """Return (training sampler, its data record, validation token stream), building caches."""
+    try:
+        sampler, data_record = make_train_sampler(run, progress)
+        validation_tokens = load_tokens(run.validation_data, run.tokenizer, progress=progress)
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from error
+    return sampler, data_record, validation_tokens
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun launch; rank 0 of 1 for a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed(device: str) -> tuple[Distributed, str, bool]:
+    """Join the process group that torchrun describes in WORLD_SIZE, RANK and LOCAL_RANK.
+
+    Returns this process's place, its device (``cuda:LOCAL_RANK`` on CUDA) and whether this
+    call created the process group. Without torchrun (WORLD_SIZE unset or 1) nothing happens.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(), device, False
+    rank = int(os.environ["RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return Distributed(rank, world_size), device, False
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Distributed(rank, world_size), device, True
+
+
+class LossModule(torch.nn.Module):
+    """``model.loss(tokens)`` as a forward pass, the call that DistributedDataParallel wraps."""
+
+    def __init__(self, model: AttnOnlyTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(tokens)
+
+
 MetricsHook = Callable[[AttnOnlyTransformer, int], dict]
 
 
@@ -279,25 +348,43 @@ def train(
 
     ``metrics_hook(model, step)`` returns extra metrics to log at each evaluation.
     ``stop_after`` ends the run early after that many steps (the schedule still assumes
-    ``run.training.steps``), which tests use to simulate an interruption.
+    ``run.training.steps``), which tests use to simulate an interruption. Under torchrun
+    each process calls this function and the run is data-parallel (see the module docstring).
     """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    place, device, owns_group = init_distributed(device)
+    try:
+        if run.training.batch_size % place.world_size != 0:
+            raise SystemExit(
+                f"error: batch_size {run.training.batch_size} is not divisible by the "
+                f"{place.world_size} processes; choose a multiple of {place.world_size}"
+            )
+        return _train(run, Path(out), resume, device, progress, metrics_hook, stop_after, place)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
+           metrics_hook: MetricsHook | None, stop_after: int | None,
+           place: Distributed) -> Path:
     from tqdm.auto import tqdm
 
-    out = Path(out)
     cfg = run.training
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_writable(out)
-    (out / RESUME_DIR).mkdir(exist_ok=True)
+    if place.is_main:
+        check_writable(out)
+        (out / RESUME_DIR).mkdir(exist_ok=True)
 
-    try:
-        sampler, data_record = make_train_sampler(run, progress)
-        validation_tokens = load_tokens(run.validation_data, run.tokenizer, progress=progress)
-        validation = WindowSampler(
-            validation_tokens, run.model.n_ctx, run.tokenizer.bos_token_id
-        ).sequential_windows(cfg.eval_windows)
-    except DataError as error:
-        raise SystemExit(f"error: {error}") from error
-    if metrics_hook is None and cfg.probe:
+    # Rank 0 builds any missing token cache alone; the other ranks then read it.
+    if not place.is_main:
+        place.barrier()
+    sampler, data_record, validation_tokens = load_training_data(run, progress and place.is_main)
+    if place.is_main:
+        place.barrier()
+    validation = WindowSampler(
+        validation_tokens, run.model.n_ctx, run.tokenizer.bos_token_id
+    ).sequential_windows(cfg.eval_windows)
+    if metrics_hook is None and cfg.probe and place.is_main:
         from circuits.dynamics import TrainingProbe
 
         metrics_hook = TrainingProbe(validation_tokens, run.tokenizer, run.model.n_ctx,
@@ -320,6 +407,8 @@ def train(
             f"error: {out} already holds a training run; pass --resume to continue it or choose "
             "another --out"
         )
+    # Every rank has read the resume state before rank 0 writes a new one.
+    place.barrier()
 
     def training_record(step: int, elapsed: float) -> dict:
         return {
@@ -339,6 +428,8 @@ def train(
         atomic_write_bytes(out / LOG_FILE, log_lines(records))
 
     def save(step: int, elapsed: float) -> None:
+        if not place.is_main:
+            return
         save_resume_state(resume_dir, step, elapsed, model, optimizer, records)
         publish(step, elapsed)
         if step in cfg.snapshot_steps:
@@ -346,7 +437,7 @@ def train(
             atomic_save_tensors(model.state_dict(),
                                 out / SNAPSHOT_DIR / f"step-{step:06d}.safetensors")
 
-    if start_step > 0:
+    if start_step > 0 and place.is_main:
         # A crash between the two files of the last publish may have left them out of step.
         publish(start_step, elapsed_before)
 
@@ -357,25 +448,40 @@ def train(
     if start_step == 0 and 0 in cfg.snapshot_steps:
         save(0, 0.0)
 
+    net: torch.nn.Module = LossModule(model)
+    if place.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = device.startswith("cuda")
+        net = DistributedDataParallel(net, device_ids=[torch.device(device)] if cuda else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    local_batch = cfg.batch_size // place.world_size
+    rows = slice(place.rank * local_batch, (place.rank + 1) * local_batch)
+
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=out.name, unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=out.name, unit="step",
+               disable=not (progress and place.is_main), dynamic_ncols=True)
     started = time.perf_counter()
     interval_loss, interval_steps = 0.0, 0
     device_type = device.split(":")[0]
     for step in range(start_step, end_step):
-        batch = sampler.random_batch(cfg.batch_size, cfg.seed, step).to(device)
+        batch = sampler.random_batch(cfg.batch_size, cfg.seed, step)[rows].to(device)
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on (seed, step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
 
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.autocast):
-            loss = model.loss(batch)
+            loss = net(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
 
+        if place.world_size > 1:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)  # the sum of the ranks' means; equal slices make it the mean
+            loss /= place.world_size
         interval_loss += loss.item()
         interval_steps += 1
         done = step + 1
@@ -388,9 +494,10 @@ def train(
                 "train_loss": interval_loss / interval_steps,
                 "elapsed_s": round(elapsed, 2),
             }
-            if done % cfg.eval_every == 0 or done == cfg.steps:
+            if place.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
+                # Per-process batches: the global batch may not fit in one device's memory.
                 record["val_loss"] = evaluate(model, validation, device, cfg.autocast,
-                                              cfg.batch_size)
+                                              local_batch)
                 if metrics_hook is not None:
                     record.update(metrics_hook(model, done))
             records.append(record)
@@ -409,22 +516,33 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m circuits.train", description="Train an attention-only transformer."
     )
     parser.add_argument("config", help="TOML config file (see configs/)")
-    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--out", help="checkpoint folder to write (required unless --prepare-data)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in --out")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     parser.add_argument("--steps", type=int, default=None,
                         help="override the number of training steps in the config")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--prepare-data", action="store_true",
+                        help="tokenize the training and validation data into the token cache, "
+                             "then exit without training (run once before a multi-process launch "
+                             "on a large dataset)")
     args = parser.parse_args(argv)
+    if args.out is None and not args.prepare_data:
+        parser.error("the following arguments are required: --out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     run = RunConfig.from_toml(args.config)
     if args.steps is not None:
         run.raw["training"]["steps"] = args.steps
         run = RunConfig.from_dict(run.raw, source=args.config)
+    if args.prepare_data:
+        load_training_data(run, progress=not args.no_progress)
+        print("token caches are ready")
+        return 0
     train(run, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
-    print(f"checkpoint written to {args.out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint written to {args.out}")
     return 0
 
 

@@ -2,7 +2,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import circuits.model as model_module
 from circuits.model import AttnOnlyTransformer, ModelConfig, sinusoidal_positions
 from conftest import tiny_config, tiny_model
 
@@ -200,3 +202,53 @@ def test_sinusoidal_positions():
     torch.testing.assert_close(table[0, 0::2], torch.zeros(4))
     torch.testing.assert_close(table[0, 1::2], torch.ones(4))
     torch.testing.assert_close(table[3, 0], torch.tensor(math.sin(3.0)))
+
+
+def test_chunked_cross_entropy_matches_reference(monkeypatch):
+    # Three rows per chunk, so ten rows make four chunks, the last one ragged.
+    monkeypatch.setattr(model_module, "CPU_CHUNK_ELEMENTS", 3 * 50)
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(10, 50, dtype=torch.float64, generator=generator)).requires_grad_()
+    targets = torch.randint(0, 50, (10,), generator=generator)
+    upstream = torch.rand(10, dtype=torch.float64, generator=generator)
+
+    losses = model_module.cross_entropy(logits, targets)
+    (losses * upstream).sum().backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    expected = F.cross_entropy(logits, targets, reduction="none")
+    (expected * upstream).sum().backward()
+
+    assert losses.dtype == torch.float64
+    torch.testing.assert_close(losses, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, logits.grad, rtol=0, atol=1e-12)
+
+
+def test_cross_entropy_of_bf16_logits_is_float32():
+    generator = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(64, 300, generator=generator)).bfloat16().requires_grad_()
+    targets = torch.randint(0, 300, (64,), generator=generator)
+
+    losses = model_module.cross_entropy(logits, targets)
+    losses.mean().backward()
+    reference_logits = logits.detach().float().requires_grad_()
+    expected = F.cross_entropy(reference_logits, targets, reduction="none")
+    expected.mean().backward()
+
+    assert losses.dtype == torch.float32
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(losses, expected, rtol=0, atol=1e-5)
+    # The gradient is rounded to bf16 once, which keeps about 3 significant digits.
+    torch.testing.assert_close(logits.grad.float(), reference_logits.grad, rtol=1e-2, atol=1e-6)
+
+
+def test_loss_matches_cross_entropy_of_logits():
+    model = tiny_model(dtype=torch.float64)
+    tokens = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(tokens)
+        expected = F.cross_entropy(logits[:, :-1].reshape(-1, 300), tokens[:, 1:].reshape(-1),
+                                   reduction="none").view(3, 19)
+        torch.testing.assert_close(model.loss(tokens, per_token=True), expected, rtol=0,
+                                   atol=1e-12)
+        torch.testing.assert_close(model.loss(tokens), expected.mean(), rtol=0, atol=1e-12)
