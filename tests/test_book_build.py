@@ -169,6 +169,47 @@ def test_remove_plotly_json_keeps_html():
     assert notebook.cells[2].outputs[0].data == {}
 
 
+def test_duplicate_inline_scripts_removed():
+    from sphinx.builders.html._assets import _JavaScript
+
+    extension = load_extension()
+    thebe = "const THEBE_JS_URL = 1"
+    context = {
+        "script_files": [
+            _JavaScript("_static/a.js"),
+            _JavaScript(None, body=thebe),
+            _JavaScript("", body=thebe, priority=600),
+            _JavaScript("_static/a.js"),
+            _JavaScript(None, body="const other = 2"),
+        ]
+    }
+
+    extension.remove_duplicate_scripts(None, "page", "page.html", context, None)
+
+    kept = [(script.filename or "", script.attributes.get("body")) for script in
+            context["script_files"]]
+    assert kept == [("_static/a.js", None), ("", thebe), ("", "const other = 2")]
+
+
+def test_theme_mode_defaults_to_auto():
+    from types import SimpleNamespace
+
+    extension = load_extension()
+    config = SimpleNamespace(html_context={"other": 1})
+    extension.set_default_theme_mode(None, config)
+    assert config.html_context == {"other": 1, "default_mode": "auto"}
+
+    chosen = SimpleNamespace(html_context={"default_mode": "dark"})
+    extension.set_default_theme_mode(None, chosen)
+    assert chosen.html_context["default_mode"] == "dark"
+
+
+def test_site_pages_declare_theme_mode(site):
+    for entry in toc_files():
+        text = (site / f"{entry}.html").read_text(encoding="utf-8")
+        assert 'data-default-mode="auto"' in text, entry
+
+
 def test_executed_copy_path_mirrors_book(tmp_path):
     extension = load_extension()
 
