@@ -26,7 +26,7 @@ from plotly.offline import get_plotlyjs
 from circuits.viz import PlotlyFigure
 
 ROOT = Path(__file__).resolve().parent.parent
-CHAPTERS = ["book/zero_layer", "book/one_layer", "book/two_layer"]
+CHAPTERS = ["book/zero_layer", "book/one_layer", "book/two_layer", "book/training_dynamics"]
 
 
 def load_extension():

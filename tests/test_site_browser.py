@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SITE = Path(os.environ.get("CIRCUITS_BOOK_HTML", ROOT / "_build" / "html"))
 SCREENSHOTS = ROOT / "_build" / "screenshots"
-CHAPTERS = ["book/zero_layer", "book/one_layer", "book/two_layer"]
+CHAPTERS = ["book/zero_layer", "book/one_layer", "book/two_layer", "book/training_dynamics"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = [
