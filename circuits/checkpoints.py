@@ -129,6 +129,8 @@ def save_checkpoint(
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """A folder path, or the name of a shipped checkpoint such as ``attn-only-2l``."""
+    if not str(name_or_path).strip():
+        raise CheckpointError("checkpoint name or path is empty")
     path = Path(name_or_path)
     if path.is_dir():
         return path
@@ -204,9 +206,9 @@ def load_checkpoint(
 
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
-        raise CheckpointError(
-            f"{weights_path}: missing; restore it (git checkout -- {weights_path}) or retrain"
-        )
+        shipped = weights_path.resolve().is_relative_to(SHIPPED_DIR)
+        fix = f"restore it with git checkout -- {weights_path}" if shipped else "restore it"
+        raise CheckpointError(f"{weights_path}: missing; {fix}, or retrain the model")
     if verify and "sha256" in config:
         actual = sha256_file(weights_path)
         if actual != config["sha256"]:

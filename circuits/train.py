@@ -27,6 +27,7 @@ single-process run's.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -121,6 +122,8 @@ class RunConfig:
             raw = tomllib.loads(path.read_text())
         except FileNotFoundError as error:
             raise SystemExit(f"error: config file not found: {path}") from error
+        except OSError as error:
+            raise SystemExit(f"error: cannot read config file {path}: {error.strerror}") from error
         except tomllib.TOMLDecodeError as error:
             raise SystemExit(f"error: {path} is not valid TOML: {error}") from error
         return cls.from_dict(raw, source=str(path))
@@ -189,9 +192,11 @@ def check_writable(folder: Path) -> None:
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as error:
+        advice = "free disk space or choose another --out" if error.errno == errno.ENOSPC else (
+            "choose another --out")
         raise SystemExit(
-            f"error: cannot write to the output folder {folder}: {error.strerror or error}. "
-            "Choose another --out or free disk space"
+            f"error: cannot write to the output folder {folder}: {error.strerror or error}; "
+            f"{advice}"
         ) from error
 
 
@@ -351,6 +356,7 @@ def train(
     ``run.training.steps``), which tests use to simulate an interruption. Under torchrun
     each process calls this function and the run is data-parallel (see the module docstring).
     """
+    check_output_folder(Path(out), resume)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     place, device, owns_group = init_distributed(device)
     try:
@@ -363,6 +369,22 @@ def train(
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def check_output_folder(out: Path, resume: bool) -> None:
+    """Refuse to train over a run that needs --resume, or over a checkpoint with no run state."""
+    if (out / RESUME_DIR / "latest.json").is_file():
+        if not resume:
+            raise SystemExit(
+                f"error: {out} already holds a training run; pass --resume to continue it or "
+                "choose another --out"
+            )
+        return
+    if (out / WEIGHTS_FILE).exists() or (out / CONFIG_FILE).exists():
+        raise SystemExit(
+            f"error: {out} holds a checkpoint but no resume state (a shipped checkpoint, for "
+            "example), so training would overwrite it; choose another --out"
+        )
 
 
 def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
@@ -532,6 +554,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the following arguments are required: --out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    if args.device is not None:
+        try:
+            requested = torch.device(args.device)
+        except RuntimeError as error:
+            raise SystemExit(f"error: invalid --device {args.device!r}: {error}") from error
+        if requested.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(
+                f"error: --device {args.device} requested but this torch build or machine has no "
+                "CUDA device; leave --device out to use the CPU"
+            )
     run = RunConfig.from_toml(args.config)
     if args.steps is not None:
         run.raw["training"]["steps"] = args.steps

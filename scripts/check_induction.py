@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Check a checkpoint for induction heads, reading only config.json and model.safetensors.
 
     python scripts/check_induction.py checkpoints/attn-only-2l [--json]
@@ -133,17 +134,45 @@ def check(folder: Path, seed: int = 0) -> dict:
     return result
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
+REQUIRED_FIELDS = ("n_layers", "n_heads", "d_head", "eps", "normalization_type", "bos_token_id",
+                   "tokenizer")
+
+
+def checked_folder(argument: Path) -> Path:
+    """The checkpoint folder: a path, or the name of a shipped checkpoint."""
+    if not argument.is_dir() and (SHIPPED / argument).is_dir():
+        return SHIPPED / argument
+    return argument
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 when both criteria are met, 1 when not, 2 for an unreadable checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="checkpoint folder")
+    parser.add_argument("checkpoint", type=Path, help="checkpoint folder or shipped name")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     args = parser.parse_args(argv)
+    folder = checked_folder(args.checkpoint)
     for name in ("config.json", "model.safetensors"):
-        if not (args.checkpoint / name).is_file():
-            print(f"error: {args.checkpoint / name} not found", file=sys.stderr)
-            return 1
-    result = check(args.checkpoint, args.seed)
+        if not (folder / name).is_file():
+            print(f"error: {folder / name} not found", file=sys.stderr)
+            return 2
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        missing = [field for field in REQUIRED_FIELDS if field not in config]
+        if missing:
+            raise ValueError(f"config.json lacks the fields {missing}")
+        if config["n_layers"] < 1:
+            raise ValueError("the model has no attention layers, so it cannot have induction heads")
+        result = check(folder, args.seed)
+    except (OSError, ValueError, KeyError, IndexError) as error:
+        # safetensors raises its own error type, a subclass of none of these, for a corrupt file.
+        print(f"error: cannot check {folder}: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - reported as one line rather than a traceback
+        print(f"error: cannot check {folder}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -153,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best prefix-matching head {result['best_head']}: "
               f"{result['best_prefix_matching']:.3f} (needs > {PREFIX_THRESHOLD})")
         print("PASS" if result["passed"] else "FAIL")
-    return 0 if result["passed"] else 2
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -66,5 +66,26 @@ def test_losses_of_a_perfect_copier():
 
 
 def test_missing_checkpoint_files(tmp_path, capsys):
-    assert check_induction.main([str(tmp_path)]) == 1
+    assert check_induction.main([str(tmp_path)]) == 2
     assert "config.json not found" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_reported(tmp_path, capsys):
+    folder = save_checkpoint(tiny_model(d_vocab=257, n_ctx=110), Tokenizer(256), tmp_path / "c")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert check_induction.main([str(folder)]) == 2
+    assert "error: cannot check" in capsys.readouterr().err
+
+
+def test_zero_layer_model_reported(tmp_path, capsys):
+    folder = save_checkpoint(tiny_model(n_layers=0, d_vocab=257, n_ctx=110), Tokenizer(256),
+                             tmp_path / "c")
+    assert check_induction.main([str(folder)]) == 2
+    assert "no attention layers" in capsys.readouterr().err
+
+
+def test_failing_model_exits_one(tmp_path, capsys):
+    folder = save_checkpoint(tiny_model(d_vocab=1001, n_ctx=110), Tokenizer(1000), tmp_path / "c")
+    assert check_induction.main([str(folder)]) == 1
+    assert "FAIL" in capsys.readouterr().out

@@ -94,3 +94,9 @@ def test_model_input_long_text_truncated_with_warning():
 def test_model_input_rejects_non_strings():
     with pytest.raises(TypeError, match="must be a str"):
         SMALL.encode_for_model(12, n_ctx=8)
+
+
+@pytest.mark.parametrize("n_ctx", [0, -1, 2.5, None, True])
+def test_model_input_rejects_invalid_context(n_ctx):
+    with pytest.raises(ValueError, match="n_ctx must be a positive int"):
+        SMALL.encode_for_model("the river", n_ctx=n_ctx)

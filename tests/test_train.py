@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,3 +205,30 @@ def test_data_mixture(text_files, tmp_path):
     record = load_checkpoint(out).config["training"]["data"]
     assert [item["weight"] for item in record] == [0.5, 0.5]
     assert all(item["tokens"] > 100 for item in record)
+
+
+def test_shipped_style_checkpoint_not_overwritten(text_files, tmp_path):
+    raw = run_config(*text_files, steps=6)
+    out = train(RunConfig.from_dict(raw), tmp_path / "run", progress=False)
+    shutil.rmtree(out / "resume")
+    before = (out / "model.safetensors").read_bytes()
+    for resume in (False, True):
+        with pytest.raises(SystemExit, match="holds a checkpoint but no resume state"):
+            train(RunConfig.from_dict(raw), out, resume=resume, progress=False)
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_config_path_is_a_folder(tmp_path):
+    with pytest.raises(SystemExit, match="cannot read config file"):
+        RunConfig.from_toml(tmp_path)
+
+
+@pytest.mark.parametrize("device, message", [("banana", "invalid --device"),
+                                             ("cuda", "no CUDA device")])
+def test_cli_rejects_bad_device(tmp_path, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from circuits.train import main
+
+    with pytest.raises(SystemExit, match=message):
+        main([str(tmp_path / "none.toml"), "--out", str(tmp_path / "o"), "--device", device])

@@ -9,6 +9,8 @@ repository root.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dataclasses import dataclass
 
 import torch
@@ -70,4 +72,6 @@ def validation_windows_for(
             from_corpus=False,
             problem=problem,
         )
-    return ContextWindows(windows=data.windows, source=data.source, from_corpus=True)
+    # Name the data by its corpus folder and file pattern, not the path on the building machine.
+    shown = "/".join(Path(str(data.source)).parts[-2:])
+    return ContextWindows(windows=data.windows, source=shown, from_corpus=True)
