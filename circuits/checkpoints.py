@@ -128,7 +128,7 @@ def save_checkpoint(
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A folder path, or the name of a shipped checkpoint such as ``attn-only-2l``."""
+    """Return the folder of a checkpoint given as a path or a shipped name such as ``attn-only-2l``."""
     if not str(name_or_path).strip():
         raise CheckpointError("checkpoint name or path is empty")
     path = Path(name_or_path)
@@ -263,7 +263,7 @@ def list_snapshots(name_or_path: str | os.PathLike) -> list[int]:
 
 
 def load_snapshot(name_or_path: str | os.PathLike, step: int) -> AttnOnlyTransformer:
-    """The model as it was at training step ``step``, from ``snapshots/step-N.safetensors``.
+    """Load the model as it was at training step ``step`` from ``snapshots/step-N.safetensors``.
 
     Shipped snapshots are stored in float16; the model is returned in float32 and eval mode.
     """

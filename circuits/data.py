@@ -51,7 +51,7 @@ def default_cache_dir() -> Path:
 
 
 def python_stdlib_files() -> list[Path]:
-    """The UTF-8 ``.py`` files of this interpreter's standard library, without site-packages."""
+    """List the UTF-8 ``.py`` files of this interpreter's standard library, without site-packages."""
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -290,7 +290,7 @@ class WindowSampler:
         return self._windows(starts)
 
     def sequential_windows(self, n_windows: int) -> torch.Tensor:
-        """The first ``n_windows`` non-overlapping windows (fewer if the stream is short)."""
+        """Return the first ``n_windows`` non-overlapping windows (fewer if the stream is short)."""
         stride = self.n_ctx - 1
         n_windows = min(n_windows, (len(self.tokens) - 1) // stride)
         return self._windows(np.arange(n_windows) * stride)

@@ -110,7 +110,7 @@ class Tokenizer:
         """Encode text as model input: BOS, then at most ``n_ctx - 1`` tokens.
 
         Empty text gives ``[BOS]``. Longer text keeps its first ``n_ctx - 1`` tokens and emits a
-        ``TruncationWarning`` that says how many tokens were dropped.
+        ``TruncationWarning`` that states how many tokens were dropped.
         """
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive int (the model's context), got {n_ctx!r}")

@@ -376,13 +376,13 @@ def check_output_folder(out: Path, resume: bool) -> None:
     if (out / RESUME_DIR / "latest.json").is_file():
         if not resume:
             raise SystemExit(
-                f"error: {out} already holds a training run; pass --resume to continue it or "
+                f"error: {out} already contains a training run; pass --resume to continue it or "
                 "choose another --out"
             )
         return
     if (out / WEIGHTS_FILE).exists() or (out / CONFIG_FILE).exists():
         raise SystemExit(
-            f"error: {out} holds a checkpoint but no resume state (a shipped checkpoint, for "
+            f"error: {out} contains a checkpoint but no resume state (a shipped checkpoint, for "
             "example), so training would overwrite it; choose another --out"
         )
 
@@ -426,7 +426,7 @@ def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
         log.info("no resume state in %s, starting from step 0", out)
     elif latest_path.exists():
         raise SystemExit(
-            f"error: {out} already holds a training run; pass --resume to continue it or choose "
+            f"error: {out} already contains a training run; pass --resume to continue it or choose "
             "another --out"
         )
     # Every rank has read the resume state before rank 0 writes a new one.

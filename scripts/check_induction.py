@@ -140,7 +140,7 @@ REQUIRED_FIELDS = ("n_layers", "n_heads", "d_head", "eps", "normalization_type",
 
 
 def checked_folder(argument: Path) -> Path:
-    """The checkpoint folder: a path, or the name of a shipped checkpoint."""
+    """Return the checkpoint folder for a path or the name of a shipped checkpoint."""
     if not argument.is_dir() and (SHIPPED / argument).is_dir():
         return SHIPPED / argument
     return argument

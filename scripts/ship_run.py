@@ -3,9 +3,9 @@
     python scripts/ship_run.py /path/to/run checkpoints/attn-only-2l
 
 Copies ``config.json``, ``model.safetensors`` and ``log.jsonl`` as they are, and stores each
-snapshot under ``snapshots/`` in float16 (half the size; the snapshots serve the
-training-dynamics chapter, which needs attention patterns and losses, not exact weights). The
-resume state is never copied.
+snapshot under ``snapshots/`` in float16, which halves its size. The snapshots serve the
+training-dynamics chapter, which needs attention patterns and losses rather than exact weights.
+The resume state is never copied.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def test_shipped_style_checkpoint_not_overwritten(text_files, tmp_path):
     shutil.rmtree(out / "resume")
     before = (out / "model.safetensors").read_bytes()
     for resume in (False, True):
-        with pytest.raises(SystemExit, match="holds a checkpoint but no resume state"):
+        with pytest.raises(SystemExit, match="contains a checkpoint but no resume state"):
             train(RunConfig.from_dict(raw), out, resume=resume, progress=False)
     assert (out / "model.safetensors").read_bytes() == before
 
