@@ -1,11 +1,13 @@
 """Training text: loading through ``datasets``, a token cache on disk, and context windows.
 
-A data source is local files (a path, a folder, or a glob pattern of ``.jsonl``, ``.jsonl.gz``,
-``.json`` or ``.txt`` files; JSON lines need a ``"text"`` field), a Hugging Face hub dataset
-written ``hf:NAME`` or ``hf:NAME:SPLIT`` (needs network access), or ``python-stdlib``: the
-``.py`` files of the running Python's standard library (real source code that every Python
-installation carries; each file is one document, and the few files that are not UTF-8 are left
-out).
+A data source is one of three kinds:
+
+- local files: a path, a folder, or a glob pattern of ``.jsonl``, ``.jsonl.gz``, ``.json`` or
+  ``.txt`` files. JSON lines need a ``"text"`` field.
+- a Hugging Face hub dataset written ``hf:NAME`` or ``hf:NAME:SPLIT``, which needs network access.
+- ``python-stdlib``: the ``.py`` files of the running Python's standard library, real source code
+  that every Python installation carries. Each file is one document, and the few files that are
+  not UTF-8 are left out.
 
 The documents are tokenized once into a flat stream, each document preceded by
 ``<|endoftext|>`` (the BOS token), and cached as a memmap (uint16 while the vocabulary fits,
@@ -264,7 +266,7 @@ def _build_cache(spec, files, tokenizer, bin_path, meta_path, key, max_documents
 class WindowSampler:
     """Context windows of ``n_ctx`` tokens from a token stream, each starting with BOS.
 
-    A window is BOS followed by the ``n_ctx - 1`` stream tokens after a start index; windows may
+    A window is BOS followed by the ``n_ctx - 1`` stream tokens after a start index. Windows may
     cross document boundaries, where the stream has its own BOS separators. Random batches are a
     pure function of ``(seed, step)``, so a resumed run sees the same batches.
     """

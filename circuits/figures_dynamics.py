@@ -201,12 +201,17 @@ def head_score_slider_figure(history: ProbeHistory) -> go.Figure:
         args = [[{"z": [array[i].astype(np.float32) for array in arrays]},
                  {"title.text": step_titles[i]}, [0, 1]]
                 for i in range(history.n_evaluations)]
-        labels = [f"{int(step):,}" for step in history.steps]
-        layout["sliders"] = [_slider(labels, args, "evaluation at step ")]
-        layout["height"] += 110
-        layout["margin"]["b"] = 130
+        _add_step_slider(layout, history, args)
     fig.update_layout(**layout)
     return fig
+
+
+def _add_step_slider(layout: dict, history: ProbeHistory, args: list) -> None:
+    """Add a slider over evaluation steps to ``layout``, with room for it below the plot."""
+    labels = [f"{int(step):,}" for step in history.steps]
+    layout["sliders"] = [_slider(labels, args, "evaluation at step ")]
+    layout["height"] += 110
+    layout["margin"]["b"] = 130
 
 
 def head_score_lines_figure(history: ProbeHistory, n_top: int = 3) -> go.Figure:
@@ -326,10 +331,7 @@ def k_composition_slider_figure(history: ProbeHistory, baseline: float) -> go.Fi
         args = [[{"z": [excess[i].astype(np.float32)], "customdata": [raw[i].astype(np.float32)]},
                  {"title.text": step_titles[i]}, [0]]
                 for i in range(history.n_evaluations)]
-        labels = [f"{int(step):,}" for step in history.steps]
-        layout["sliders"] = [_slider(labels, args, "evaluation at step ")]
-        layout["height"] += 110
-        layout["margin"]["b"] = 130
+        _add_step_slider(layout, history, args)
     fig.update_layout(**layout)
     return fig
 

@@ -1,9 +1,9 @@
 """The attention-only transformer of Elhage et al. (2021), "A Mathematical Framework for
 Transformer Circuits".
 
-Convention: row vectors, as TransformerLens. A residual vector x (a row of the residual stream)
-is read by a head as ``x @ W_Q``; token embeddings are the rows of ``W_E`` [d_vocab, d_model];
-``W_U`` is [d_model, d_vocab]; per head ``W_Q``, ``W_K``, ``W_V`` are [d_model, d_head] and
+Convention: row vectors, as TransformerLens. A head reads a residual vector x (a row of the
+residual stream) as ``x @ W_Q``. Token embeddings are the rows of ``W_E`` [d_vocab, d_model], and
+``W_U`` is [d_model, d_vocab]. Per head, ``W_Q``, ``W_K`` and ``W_V`` are [d_model, d_head] and
 ``W_O`` is [d_head, d_model].
 
 Forward pass, for tokens t_0 … t_{T-1} (position i, layer l, head h):
@@ -227,7 +227,7 @@ class Block(nn.Module):
 
 
 class ActivationCache(NamedTuple):
-    """What ``run_with_cache`` records, one entry per layer.
+    """Activations recorded by ``run_with_cache``, one entry per layer.
 
     ``patterns[l]`` [batch, head, query, key]; ``head_outputs[l]`` [batch, pos, head, d_model];
     ``resid_pre[l]`` [batch, pos, d_model], the residual stream read by layer l

@@ -48,6 +48,7 @@ def forward(weights: dict, config: dict, tokens: np.ndarray):
     resid = weights["embed.W_E"][tokens]
     pos = weights["pos_embed.W_pos"][:n]
     mask = np.tril(np.ones((n, n), dtype=bool))
+
     patterns = []
     for layer in range(config["n_layers"]):
         prefix = f"blocks.{layer}."
@@ -63,6 +64,7 @@ def forward(weights: dict, config: dict, tokens: np.ndarray):
             previous = np.concatenate([np.zeros_like(k[:, :1]), k[:, :-1]], axis=1)
             k = gate * k + (1 - gate) * previous
         v = np.einsum("pm,hmd->hpd", normed, W_V)
+
         scores = q @ k.transpose(0, 2, 1) / np.sqrt(config["d_head"])
         scores = np.where(mask, scores, -np.inf)
         scores -= scores.max(-1, keepdims=True)
@@ -70,6 +72,7 @@ def forward(weights: dict, config: dict, tokens: np.ndarray):
         pattern /= pattern.sum(-1, keepdims=True)
         patterns.append(pattern)
         resid = resid + np.einsum("hpd,hdm->pm", pattern @ v, W_O)
+
     w = weights.get("ln_final.w") if normalized else None
     b = weights.get("ln_final.b") if normalized else None
     return layer_norm(resid, w, b, eps) @ weights["unembed.W_U"], patterns

@@ -11,7 +11,7 @@ Effective embedding and unembedding. The circuits go through the layernorms as f
 - ``W_E_eff`` for a head in layer l is layer l's ``ln1`` applied to every row of W_E, gain and
   bias included: ``W_E_eff[t] = (W_E[t] - mean(W_E[t])) / sqrt(var(W_E[t]) + eps) * w + b``. This
   is exact in layer 0, whose residual stream holds only the token embedding (positions enter the
-  queries and keys only, after the layernorm). In later layers the residual also holds earlier
+  queries and keys only, after the layernorm). In later layers the residual also contains earlier
   heads' outputs, so the circuit describes only the direct path from the embedding.
 - ``W_U_eff`` is the final layernorm's gain folded into W_U and then centred over d_model:
   ``M = diag(w_final) W_U``, ``W_U_eff = M - M.mean(0)``. The layernorm centres the residual

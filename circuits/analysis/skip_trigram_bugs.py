@@ -13,7 +13,7 @@ o1 after "s … d2". Elhage et al. (2021), "A Mathematical Framework for Transfo
    top ``n_top`` destination tokens by QK score, among ``candidates``.
 2. Score each pairing of two destinations with two outputs by how strongly the corpus pairs them
    one way. The score is the log odds ratio of their bigram counts c, each plus 0.5:
-   log c(d1, o1) + log c(d2, o2) − log c(d1, o2) − log c(d2, o1). A large value says "d1 is
+   log c(d1, o1) + log c(d2, o2) − log c(d1, o2) − log c(d2, o1). A large value means "d1 is
    followed by o1 and d2 by o2, rarely the other way round". The pairs (d1, o1) and (d2, o2)
    must each occur at least ``min_pair_count`` times.
 3. Keep pairings whose log odds ratio is at least ``min_log_odds``, and rank them by the smaller

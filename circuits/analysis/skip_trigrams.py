@@ -15,7 +15,7 @@ Ranking: skip-trigrams are ranked by ``ov_score`` (how much the head raises the 
 then by ``qk_score``. The qk_score is reported beside it, because a large ov_score matters only
 where destinations attend to the source.
 
-The sweep visits the source tokens in batches and never holds more than
+The sweep visits the source tokens in batches and never keeps more than
 n_heads x batch_size x d_vocab scores, so the d_vocab x d_vocab circuits are never built whole.
 It runs in float32, which is enough for ranking. The circuits apply to any layer's heads, but
 beyond layer 0 they describe only the direct path from the token embedding.

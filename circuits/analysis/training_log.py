@@ -279,7 +279,7 @@ def probe_sequences(tokenizer: Tokenizer, seed: int = 0) -> torch.Tensor:
 
 @dataclass
 class SnapshotMeasurements:
-    """What every snapshot of a run does on one set of repeated random tokens.
+    """Measurements of every snapshot of a run on one set of repeated random tokens.
 
     ``steps`` is [n_snapshots]. ``prefix_matching`` [n_snapshots, n_layers, n_heads] and
     ``repeated_loss_per_copy`` [n_snapshots, n_copies] average over all sequences. ``patterns``
