@@ -348,12 +348,14 @@ def train(
     progress: bool = True,
     metrics_hook: MetricsHook | None = None,
     stop_after: int | None = None,
+    stop_at: int | None = None,
 ) -> Path:
     """Train (or continue training) and write the checkpoint folder ``out``.
 
     ``metrics_hook(model, step)`` returns extra metrics to log at each evaluation.
-    ``stop_after`` ends the run early after that many steps (the schedule still assumes
-    ``run.training.steps``), which tests use to simulate an interruption. Under torchrun
+    ``stop_after`` ends the run early after that many steps and ``stop_at`` once it reaches
+    that step; either way the schedule still assumes ``run.training.steps``, the state at the
+    stop is saved, and ``resume=True`` continues from it. Under torchrun
     each process calls this function and the run is data-parallel (see the module docstring).
     """
     check_output_folder(Path(out), resume)
@@ -365,7 +367,13 @@ def train(
                 f"error: batch_size {run.training.batch_size} is not divisible by the "
                 f"{place.world_size} processes; choose a multiple of {place.world_size}"
             )
-        return _train(run, Path(out), resume, device, progress, metrics_hook, stop_after, place)
+        if stop_at is not None and (stop_at < 1 or stop_at % run.training.log_every != 0):
+            raise SystemExit(
+                f"error: the stop step must be a positive multiple of log_every "
+                f"({run.training.log_every}), got {stop_at}"
+            )
+        return _train(run, Path(out), resume, device, progress, metrics_hook, stop_after,
+                      stop_at, place)
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -388,7 +396,7 @@ def check_output_folder(out: Path, resume: bool) -> None:
 
 
 def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
-           metrics_hook: MetricsHook | None, stop_after: int | None,
+           metrics_hook: MetricsHook | None, stop_after: int | None, stop_at: int | None,
            place: Distributed) -> Path:
     from tqdm.auto import tqdm
 
@@ -465,8 +473,12 @@ def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
 
     tokens_per_step = cfg.batch_size * run.model.n_ctx
     end_step = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
+    if stop_at is not None:
+        end_step = min(end_step, stop_at)
     checkpoint_steps = set(range(cfg.checkpoint_every, cfg.steps + 1, cfg.checkpoint_every))
     checkpoint_steps |= set(cfg.snapshot_steps) | {cfg.steps}
+    if stop_at is not None:
+        checkpoint_steps.add(end_step)
     if start_step == 0 and 0 in cfg.snapshot_steps:
         save(0, 0.0)
 
@@ -544,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     parser.add_argument("--steps", type=int, default=None,
                         help="override the number of training steps in the config")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                        help="stop once the run reaches this step, saving its state; the "
+                             "schedule still runs to the config's steps, and --resume continues")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--prepare-data", action="store_true",
                         help="tokenize the training and validation data into the token cache, "
@@ -572,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         load_training_data(run, progress=not args.no_progress)
         print("token caches are ready")
         return 0
-    train(run, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
+    train(run, args.out, resume=args.resume, device=args.device, progress=not args.no_progress,
+          stop_at=args.stop_at)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint written to {args.out}")
     return 0

@@ -67,6 +67,10 @@ def test_resume_matches_uninterrupted_run(text_files, tmp_path):
     train(RunConfig.from_dict(raw), part, progress=False, stop_after=8)
     assert json.loads((part / "resume" / "latest.json").read_text())["step"] == 6
     train(RunConfig.from_dict(raw), part, resume=True, progress=False, stop_after=10)
+    # A planned stop saves its own step, off the checkpoint grid of every 6 steps.
+    train(RunConfig.from_dict(raw), part, resume=True, progress=False, stop_at=14)
+    assert json.loads((part / "resume" / "latest.json").read_text())["step"] == 14
+    assert read_log(part)[-1]["step"] == 14
     train(RunConfig.from_dict(raw), part, resume=True, progress=False)
 
     assert_same_weights(weights(full), weights(part))
@@ -77,7 +81,7 @@ def test_resume_matches_uninterrupted_run(text_files, tmp_path):
 
 def test_resume_after_kill(text_files, tmp_path):
     """kill -9 at several moments, then resume: same weights and loss curve as one run."""
-    raw = run_config(*text_files, steps=150, checkpoint_every=6)
+    raw = run_config(*text_files, steps=300, checkpoint_every=6)
     config_path = tmp_path / "run.toml"
     config_path.write_text(toml_dump(raw))
     full = train(RunConfig.from_dict(raw), tmp_path / "full", progress=False)
@@ -94,7 +98,7 @@ def test_resume_after_kill(text_files, tmp_path):
     for target in (6, 30, 60):
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and process.poll() is None:
             if latest.exists() and json.loads(latest.read_text())["step"] >= target:
                 break
@@ -103,7 +107,7 @@ def test_resume_after_kill(text_files, tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait()
         reached.append(json.loads(latest.read_text())["step"] if latest.exists() else 0)
-    assert all(0 < step < 150 for step in reached), f"a kill did not land mid-run: {reached}"
+    assert all(0 < step < 300 for step in reached), f"a kill did not land mid-run: {reached}"
 
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
@@ -232,3 +236,11 @@ def test_cli_rejects_bad_device(tmp_path, device, message):
 
     with pytest.raises(SystemExit, match=message):
         main([str(tmp_path / "none.toml"), "--out", str(tmp_path / "o"), "--device", device])
+
+
+@pytest.mark.parametrize("stop_at", [0, 7])
+def test_stop_step_must_fall_on_the_log_grid(text_files, tmp_path, stop_at):
+    raw = run_config(*text_files)
+    with pytest.raises(SystemExit, match="positive multiple of log_every"):
+        train(RunConfig.from_dict(raw), tmp_path / "run", progress=False, stop_at=stop_at)
+    assert not (tmp_path / "run" / "resume" / "latest.json").exists()
