@@ -427,3 +427,60 @@ def test_math_pages_load_local_mathjax(site):
             assert (page.parent / strip_query(url)).resolve().is_file(), (
                 f"{page.relative_to(site)} loads {url}, which is not in the site"
             )
+
+
+class LinkParser(HTMLParser):
+    """Collect the href of every link and the id of every element of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        if attributes.get("id"):
+            self.ids.add(attributes["id"])
+        if tag == "a" and attributes.get("href"):
+            self.hrefs.append(attributes["href"])
+
+
+def parse_links(path: Path) -> LinkParser:
+    parser = LinkParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def results_table(site: Path) -> str:
+    text = (site / "book" / "intro.html").read_text(encoding="utf-8")
+    match = re.search(r'<table class="results-table">.*?</table>', text, re.DOTALL)
+    assert match, "the introduction has no results table"
+    return match.group(0)
+
+
+def test_results_table_links_reach_sections(site):
+    parser = LinkParser()
+    parser.feed(results_table(site))
+    assert len(parser.hrefs) >= 16
+    for href in parser.hrefs:
+        page, anchor = href.split("#")
+        target = site / "book" / page
+        assert target.is_file(), f"the results table links to a missing page: {href}"
+        assert anchor in parse_links(target).ids, f"{page} has no section #{anchor}"
+
+
+def page_text(site: Path, chapter: str) -> str:
+    text = (site / "book" / f"{chapter}.html").read_text(encoding="utf-8")
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+
+def test_results_table_agrees_with_chapters(site):
+    table = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", results_table(site)))
+    copying = re.search(r"(\d+) of (\d+) heads have a positive copying score", table)
+    assert copying, "no copying-head count in the results table"
+    assert f"{copying[1]} of {copying[2]} heads copy" in page_text(site, "one_layer")
+
+    previous = re.search(r"Previous-token head (L0H\d+) \(score (\d\.\d{3})\)", table)
+    assert previous, "no previous-token head in the results table"
+    assert f"Previous-token head: {previous[1]} (score {previous[2]})" in page_text(
+        site, "two_layer")

@@ -375,3 +375,17 @@ def test_verdict_met_at_first_evaluation():
     text = training_log.induction_verdict(progress_of([(100, 0.9, 1.0)]))
     assert "first met at the first evaluation, step 100." in text
     assert "rose most" not in text
+
+
+def test_recipe_differences_ignore_model_shape():
+    from circuits.analysis.training_log import recipe_differences
+
+    two = {"model": {"n_layers": 2, "d_model": 8}, "training": {"lr": 1e-3, "steps": 10},
+           "data": {"train": [{"source": "a", "weight": 0.5}]}}
+    one = {"model": {"n_layers": 1, "d_model": 8, "smear_keys": True},
+           "training": {"lr": 1e-3, "steps": 10}, "data": {"train": [{"source": "a", "weight": 0.5}]}}
+    assert recipe_differences(two, one) == []
+    other = {"model": {"n_layers": 1, "d_model": 16}, "training": {"lr": 3e-3, "steps": 10},
+             "data": {"train": [{"source": "b", "weight": 0.5}]}, "tokenizer": {"n_ranks": 8}}
+    assert recipe_differences(two, other) == [
+        "data.train", "model.d_model", "tokenizer", "training.lr"]

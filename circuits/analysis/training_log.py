@@ -432,3 +432,34 @@ def induction_verdict(progress: pd.DataFrame) -> str:
             f"{transition.start_value:.3f} to {transition.end_value:.3f}{share}."
         )
     return text
+
+
+# Config keys that tell the models of a comparison apart rather than how they were trained.
+MODEL_SHAPE_KEYS = ("n_layers", "smear_keys")
+
+
+def recipe_differences(config: dict, other: dict) -> list[str]:
+    """List the settings in which two runs' training recipes differ, as dotted keys.
+
+    ``config`` and ``other`` are the run configs recorded in checkpoints (``config.json``'s
+    ``training.config``: the TOML tables ``tokenizer``, ``model``, ``data`` and ``training``).
+    The model keys in ``MODEL_SHAPE_KEYS`` are ignored, so a one-layer run trained like a
+    two-layer run has no differences. A key present in only one of the two counts as a difference.
+    """
+    differences = []
+
+    def walk(a, b, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                path = f"{prefix}.{key}" if prefix else key
+                if prefix == "model" and key in MODEL_SHAPE_KEYS:
+                    continue
+                if key not in a or key not in b:
+                    differences.append(path)
+                else:
+                    walk(a[key], b[key], path)
+        elif a != b:
+            differences.append(prefix)
+
+    walk(config, other, "")
+    return differences
