@@ -484,3 +484,16 @@ def test_results_table_agrees_with_chapters(site):
     assert previous, "no previous-token head in the results table"
     assert f"Previous-token head: {previous[1]} (score {previous[2]})" in page_text(
         site, "two_layer")
+
+
+# Pages carry their figures' data inline, so this is also a bound on what a reader downloads.
+MAX_PAGE_BYTES = 10 * 2**20
+
+
+def test_pages_stay_under_size_limit(site):
+    for page in site_pages(site):
+        size = page.stat().st_size
+        assert size <= MAX_PAGE_BYTES, (
+            f"{page.relative_to(site)} is {size / 2**20:.1f} MiB, over the 10 MiB limit; "
+            "downsample or crop its figures"
+        )
