@@ -557,8 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None,
                         help="override the number of training steps in the config")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                        help="stop once the run reaches this step, saving its state; the "
-                             "schedule still runs to the config's steps, and --resume continues")
+                        help="stop once the run reaches this step (a multiple of log_every), saving "
+                             "its state; the schedule still runs to the config's steps, and "
+                             "--resume continues")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--prepare-data", action="store_true",
                         help="tokenize the training and validation data into the token cache, "
@@ -587,8 +588,13 @@ def main(argv: list[str] | None = None) -> int:
         load_training_data(run, progress=not args.no_progress)
         print("token caches are ready")
         return 0
-    train(run, args.out, resume=args.resume, device=args.device, progress=not args.no_progress,
-          stop_at=args.stop_at)
+    try:
+        train(run, args.out, resume=args.resume, device=args.device,
+              progress=not args.no_progress, stop_at=args.stop_at)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.out} keeps the state of its last checkpoint; continue with "
+              "--resume", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint written to {args.out}")
     return 0

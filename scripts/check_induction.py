@@ -90,9 +90,38 @@ def random_repeats(rng, bos: int, high: int, n_tokens: int, n_repeats: int) -> n
     return np.concatenate([[bos], np.tile(body, n_repeats)]).astype(np.int64)
 
 
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Map each tensor the forward pass reads to the shape that config.json implies."""
+    d_model, d_head, n_heads = config["d_model"], config["d_head"], config["n_heads"]
+    shapes = {
+        "embed.W_E": (config["d_vocab"], d_model),
+        "pos_embed.W_pos": (config["n_ctx"], d_model),
+        "unembed.W_U": (d_model, config["d_vocab"]),
+    }
+    for layer in range(config["n_layers"]):
+        prefix = f"blocks.{layer}.attn."
+        for name in ("W_Q", "W_K", "W_V"):
+            shapes[prefix + name] = (n_heads, d_model, d_head)
+        shapes[prefix + "W_O"] = (n_heads, d_head, d_model)
+    return shapes
+
+
+def check_shapes(weights: dict, config: dict) -> None:
+    """Raise ValueError when a tensor is missing or its shape disagrees with config.json."""
+    for name, shape in expected_shapes(config).items():
+        if name not in weights:
+            raise ValueError(f"model.safetensors lacks {name}, which config.json implies")
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(weights[name].shape)} in model.safetensors but "
+                f"config.json implies {shape}"
+            )
+
+
 def check(folder: Path, seed: int = 0) -> dict:
     config = json.loads((folder / "config.json").read_text())
     weights = {k: v.astype(np.float64) for k, v in load_file(folder / "model.safetensors").items()}
+    check_shapes(weights, config)
     n_ranks = config["tokenizer"]["n_ranks"]
     bos = config["bos_token_id"]
     high = min(8000, n_ranks - 1)
@@ -138,8 +167,8 @@ def check(folder: Path, seed: int = 0) -> dict:
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
-REQUIRED_FIELDS = ("n_layers", "n_heads", "d_head", "eps", "normalization_type", "bos_token_id",
-                   "tokenizer")
+REQUIRED_FIELDS = ("n_layers", "n_heads", "d_head", "d_model", "d_vocab", "n_ctx", "eps",
+                   "normalization_type", "bos_token_id", "tokenizer")
 
 
 def checked_folder(argument: Path) -> Path:

@@ -89,3 +89,18 @@ def test_failing_model_exits_one(tmp_path, capsys):
     folder = save_checkpoint(tiny_model(d_vocab=1001, n_ctx=110), Tokenizer(1000), tmp_path / "c")
     assert check_induction.main([str(folder)]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_layers", 3, "lacks blocks.2.attn.W_Q"),
+    ("d_model", 16, "embed.W_E has shape"),
+])
+def test_config_disagreeing_with_weights(tmp_path, capsys, field, value, message):
+    folder = save_checkpoint(tiny_model(d_vocab=257, n_ctx=110), Tokenizer(256), tmp_path / "c")
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    assert check_induction.main([str(folder)]) == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Traceback" not in error

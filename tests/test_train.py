@@ -244,3 +244,20 @@ def test_stop_step_must_fall_on_the_log_grid(text_files, tmp_path, stop_at):
     with pytest.raises(SystemExit, match="positive multiple of log_every"):
         train(RunConfig.from_dict(raw), tmp_path / "run", progress=False, stop_at=stop_at)
     assert not (tmp_path / "run" / "resume" / "latest.json").exists()
+
+
+def test_cli_interrupt_points_to_resume(text_files, tmp_path, monkeypatch, capsys):
+    import circuits.train as train_module
+
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(toml_dump(run_config(*text_files)))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    out = tmp_path / "out"
+    assert train_module.main([str(config_path), "--out", str(out)]) == 130
+    error = capsys.readouterr().err
+    assert f"interrupted: {out} keeps the state of its last checkpoint" in error
+    assert "--resume" in error
