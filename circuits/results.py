@@ -4,7 +4,7 @@ the paper's claim and the number measured on the shipped checkpoints.
 Every number is computed when the functions run, with the same data and settings as the chapter
 that shows it, so the introduction's table and the chapters agree. The settings are repeated here
 as constants named after the chapters' variables. ``all_results`` takes about as
-long as executing the four chapters' analyses once, well under a minute on two cores.
+long as executing the chapters' analyses once, well under a minute on two cores.
 """
 
 from __future__ import annotations
@@ -88,26 +88,28 @@ def _fit_text(fit) -> str:
     return f"KL {fit.mean_kl:.3f} nats, top-1 agreement {fit.top1_agreement:.1%}"
 
 
-def zero_layer_results(zero="attn-only-0l", one="attn-only-1l", two="attn-only-2l") -> list[Result]:
+def zero_layer_results(
+    zero_layer="attn-only-0l", one_layer="attn-only-1l", two_layer="attn-only-2l"
+) -> list[Result]:
     """Measure the zero-layer bigram table and the direct paths of the deeper models.
 
     KL is the count-weighted mean over source tokens of KL(corpus bigrams ‖ table row), and top-1
     agreement the count-weighted share of pairs whose most likely next token is the corpus's, both
-    against the bigram counts shipped with ``zero`` (``circuits.analysis.bigram_tables``).
+    against the bigram counts shipped with ``zero_layer`` (``circuits.analysis.bigram_tables``).
     """
-    checkpoint = load_checkpoint(zero)
+    checkpoint = load_checkpoint(zero_layer)
     counts = load_bigram_counts(checkpoint.path / "bigram_counts.npz")
     zero_fit = bigram_fit(direct_path_log_probs(checkpoint.model), counts)
     direct = [
         f"{name} {_fit_text(bigram_fit(direct_path_log_probs(load_checkpoint(name).model), counts))}"
-        for name in (one, two)
+        for name in (one_layer, two_layer)
     ]
     return [
         Result(
             "Zero layers", "Bigram table", "zero_layer", "How close is the table to the corpus's bigrams?",
             "A zero-layer model's logits depend on the current token only (W_E W_U), so the best "
             "it can learn is the corpus's bigram statistics.",
-            f"{zero}: {_fit_text(zero_fit)}; the best possible bigram table scores KL 0 "
+            f"{zero_layer}: {_fit_text(zero_fit)}; the best possible bigram table scores KL 0 "
             f"({zero_fit.corpus_entropy:.3f} nats of corpus bigram entropy).",
         ),
         Result(
@@ -137,8 +139,8 @@ def one_layer_results(name="attn-only-1l") -> list[Result]:
     largest = float((expansion.total() - logits).abs().max())
     importance = paths.term_importance(model, windows.tokens)
 
-    shown = frequent_tokens(counts, 200, exclude=[bos])
-    copy_rate = circuit_blocks(model, 0, shown).copy_rate().numpy()
+    top_tokens = frequent_tokens(counts, 200, exclude=[bos])
+    copy_rate = circuit_blocks(model, 0, top_tokens).copy_rate().numpy()
     best_copier = int(copy_rate.argmax())
 
     tables = skip_trigram_tables(
@@ -188,7 +190,7 @@ def one_layer_results(name="attn-only-1l") -> list[Result]:
             "token does to the logits), both vocabulary-by-vocabulary matrices.",
             f"Share of the 200 most frequent tokens whose largest OV entry is the token itself: "
             f"{copy_rate.min():.2f} to {copy_rate.max():.2f} over the {n_heads} heads "
-            f"(highest {head_name(0, best_copier)}; chance {1 / len(shown):.3f}).",
+            f"(highest {head_name(0, best_copier)}; chance {1 / len(top_tokens):.3f}).",
         ),
         Result(
             "One layer", "Skip-trigrams", "one_layer", "Skip-trigrams",
