@@ -1,7 +1,7 @@
 """``python -m circuits.report CHECKPOINT [--json]``: a summary of every head of a checkpoint.
 
 For each head: the copying score of its OV circuit, the previous-token score and the preferred
-relative offset on validation windows, the prefix-matching score on repeated random tokens, and
+relative offset on validation windows (keys after BOS), the prefix-matching score on repeated random tokens, and
 its strongest composition partner. Also every Q-, K- and V-composition score between heads in
 different layers, with the random baseline.
 
@@ -179,7 +179,9 @@ def build_report(
         report["validation_data"] = {"source": validation.source,
                                      "n_windows": int(validation.windows.shape[0])}
         previous = previous_token_scores(model, validation.windows)
-        offsets = preferred_offsets(model, validation.windows).argmax(-1)
+        # The BOS key is left out: a head that parks on BOS would otherwise seem to prefer the
+        # offset of the last query, whose only key at that offset is BOS.
+        offsets = preferred_offsets(model, validation.windows, skip_bos=True).argmax(-1)
 
     baseline = model_composition_baseline(model, n_samples=baseline_samples, seed=seed)
     report["composition_baseline"] = {**baseline.as_dict(), "n_samples": baseline.n_samples,
@@ -286,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ReportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(format_table(report))
+    try:
+        print(json.dumps(report) if args.json else format_table(report), flush=True)
+    except BrokenPipeError:
+        # The reader closed the pipe early (as ``| head`` does): not an error of the report.
+        # Point stdout at devnull so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -113,6 +113,45 @@ def test_preferred_offsets_default_covers_every_offset():
     assert offsets[1, 1, N_CTX - 1].item() == pytest.approx(1.0 / N_CTX, rel=1e-9)
 
 
+def test_offsets_after_bos_closed_form():
+    model = positional_model()
+    offsets = preferred_offsets(model, random_windows(3), skip_bos=True)
+    assert offsets.shape == (2, 2, N_CTX - 1)
+    assert offsets[0, 0, 1].item() == pytest.approx(1.0, abs=1e-6)
+    assert offsets[0, 0, 0].item() == pytest.approx(0.0, abs=1e-6)
+    assert offsets[0, 1, 0].item() == pytest.approx(1.0, abs=1e-6)
+    for offset in range(N_CTX - 1):
+        # Uniform attention, queries o + 1 … n - 1 (the key i - o is never position 0).
+        queries = range(offset + 1, N_CTX)
+        expected = sum(1.0 / (i + 1) for i in queries) / len(queries)
+        assert offsets[1, 0, offset].item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_offsets_ignore_bos_parking():
+    # Head 1 of layer 0 puts nearly all of every query's attention on position 0: W_Q maps each
+    # position to the same query and W_K gives only position 0 a matching key.
+    model = positional_model()
+    with torch.no_grad():
+        attn = model.blocks[0].attn
+        attn.W_Q[1].zero_()
+        attn.W_Q[1][:, 0] = 10.0
+        attn.W_K[1].zero_()
+        attn.W_K[1][0, 0] = 10.0
+    windows = random_windows(2)
+    with_bos = preferred_offsets(model, windows)
+    after_bos = preferred_offsets(model, windows, skip_bos=True)
+    # Counting the BOS key, the single query at offset n - 1 makes that offset look preferred.
+    assert with_bos[0, 1].argmax().item() == N_CTX - 1
+    assert with_bos[0, 1, N_CTX - 1].item() == pytest.approx(1.0, abs=1e-6)
+    assert after_bos[0, 1].max().item() < 1e-6
+
+
+def test_offsets_after_bos_reject_last():
+    with pytest.raises(ValueError, match="max_offset"):
+        preferred_offsets(positional_model(), random_windows(1), max_offset=N_CTX - 1,
+                          skip_bos=True)
+
+
 def test_previous_token_from_patterns_matches_loop():
     pattern = random_patterns(3, 2, 9, seed=1)
     expected = sum(pattern[:, :, i, i - 1] for i in range(1, 9)) / 8

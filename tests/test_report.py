@@ -45,6 +45,24 @@ def run_json(capsys, *args):
     return json.loads(output)
 
 
+def naive_preferred_offsets(model, windows):
+    """Per head, the offset o with the largest mean A[i, i - o] over queries i > o (no BOS key)."""
+    _, cache = model.run_with_cache(windows)
+    n_pos = windows.shape[1]
+    result = []
+    for pattern in cache.patterns:
+        layer = []
+        for head in range(pattern.shape[1]):
+            means = []
+            for offset in range(n_pos - 1):
+                values = [pattern[w, head, i, i - offset].item()
+                          for w in range(windows.shape[0]) for i in range(offset + 1, n_pos)]
+                means.append(sum(values) / len(values))
+            layer.append(max(range(len(means)), key=means.__getitem__))
+        result.append(layer)
+    return result
+
+
 def test_json_report_values(workspace, capsys):
     report = run_json(capsys, "model")
     checkpoint = load_checkpoint("model")
@@ -58,6 +76,7 @@ def test_json_report_values(workspace, capsys):
     sequences, period = repeated_sequences(checkpoint)
     prefix = prefix_matching_scores(model, sequences, period)
     copying = copying_scores(model)
+    naive_offsets = naive_preferred_offsets(model, windows)
 
     assert [(h["layer"], h["head"]) for h in report["heads"]] == [(l, h) for l in range(2)
                                                                   for h in range(4)]
@@ -68,7 +87,7 @@ def test_json_report_values(workspace, capsys):
         assert record["prefix_matching_score"] == pytest.approx(prefix[layer, head].item())
         expected_copying = copying[(copying["layer"] == layer) & (copying["head"] == head)]
         assert record["copying_score"] == pytest.approx(expected_copying.copying_score.item())
-        assert 0 <= record["preferred_offset"] < N_CTX
+        assert record["preferred_offset"] == naive_offsets[layer][head]
 
 
 def test_json_composition_records(workspace, capsys):
@@ -158,6 +177,18 @@ def test_folder_without_config_is_an_error(tmp_path, capsys):
     assert captured.err.count("\n") == 1
     assert captured.err.startswith("error:")
     assert "config.json" in captured.err
+
+
+def test_closed_pipe_is_not_an_error(workspace):
+    # The reader is gone before the report is written, as with `| head -c 0`.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "circuits.report", "model", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0
+    assert "BrokenPipeError" not in stderr and "Traceback" not in stderr
 
 
 def test_missing_path_gives_one_line_error_without_traceback(tmp_path):

@@ -159,25 +159,45 @@ def previous_token_scores(
     return _mean_over_batches(model, windows, batch_size, previous_token_score_from_patterns)
 
 
+def offset_profile_after_bos_from_patterns(pattern: torch.Tensor, max_offset: int) -> torch.Tensor:
+    """Mean of ``A[i, i - o]`` over queries i >= o + 1 (keys after position 0), [..., max_offset + 1].
+
+    Position 0 holds BOS, where many heads park attention they do not need; leaving its key out
+    keeps that parking from showing up as a preference for offset i.
+    """
+    _check_pattern(pattern)
+    n_pos = pattern.shape[-1]
+    if not 0 <= max_offset <= n_pos - 2:
+        raise ValueError(f"max_offset must be in [0, {n_pos - 2}], got {max_offset}")
+    return torch.stack(
+        [pattern.diagonal(offset=-offset, dim1=-2, dim2=-1)[..., 1:].mean(-1)
+         for offset in range(max_offset + 1)],
+        dim=-1,
+    )
+
+
 def preferred_offsets(
     model: AttnOnlyTransformer,
     windows: torch.Tensor,
     max_offset: int | None = None,
     batch_size: int = 8,
+    skip_bos: bool = False,
 ) -> torch.Tensor:
     """Mean attention by relative offset i - j, [n_layers, n_heads, max_offset + 1].
 
     Entry [l, h, o] averages ``A[i, i - o]`` over queries i >= o and all windows, so a head that
-    always attends o tokens back has 1 at offset o. ``max_offset`` defaults to n_pos - 1.
+    always attends o tokens back has 1 at offset o. ``max_offset`` defaults to n_pos - 1. With
+    ``skip_bos`` the key at position 0 is left out (queries i >= o + 1; ``max_offset`` at most
+    and by default n_pos - 2).
     """
-    _check_tokens(windows, min_positions=1)
+    _check_tokens(windows, min_positions=2 if skip_bos else 1)
     n_pos = windows.shape[1]
-    max_offset = n_pos - 1 if max_offset is None else max_offset
-    if not 0 <= max_offset < n_pos:
-        raise ValueError(f"max_offset must be in [0, {n_pos}), got {max_offset}")
-    return _mean_over_batches(
-        model, windows, batch_size, lambda p: offset_profile_from_patterns(p, max_offset)
-    )
+    last = n_pos - 2 if skip_bos else n_pos - 1
+    max_offset = last if max_offset is None else max_offset
+    if not 0 <= max_offset <= last:
+        raise ValueError(f"max_offset must be in [0, {last}], got {max_offset}")
+    profile = offset_profile_after_bos_from_patterns if skip_bos else offset_profile_from_patterns
+    return _mean_over_batches(model, windows, batch_size, lambda p: profile(p, max_offset))
 
 
 def _check_repeated(sequences: torch.Tensor, period: int) -> int:
