@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".txt", ".txt.gz")
 HUB_PREFIX = "hf:"
 PYTHON_STDLIB = "python-stdlib"
+# Relative data paths in configs and checkpoints are written from here.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 # Documents are tokenized in batches of this many, with tiktoken's threads.
 ENCODE_BATCH = 64
 
@@ -69,6 +71,27 @@ def python_stdlib_files() -> list[Path]:
     if not files:
         raise DataError(f"no Python source files found under {root}")
     return files
+
+
+def resolve_data_spec(spec, root: str | os.PathLike | None = None):
+    """Make each relative path of ``spec`` that matches nothing here absolute from ``root``.
+
+    Configs and checkpoints write data paths relative to the repository root (``root``'s
+    default), so a command run from another folder still finds them. A path that matches files
+    from the current folder, an absolute path, a hub name and ``python-stdlib`` stay as given,
+    and so does a path that matches nothing from either place (its error names it as written).
+    """
+    if isinstance(spec, (list, tuple)):
+        return [resolve_data_spec(item, root) for item in spec]
+    if not isinstance(spec, (str, os.PathLike)):
+        return spec
+    item = os.fspath(spec)
+    if item == PYTHON_STDLIB or item.startswith(HUB_PREFIX) or os.path.isabs(item):
+        return spec
+    if glob.glob(item):
+        return spec
+    from_root = os.path.join(REPO_ROOT if root is None else root, item)
+    return from_root if glob.glob(from_root) else spec
 
 
 def resolve_files(spec: str | os.PathLike | list) -> list[Path]:

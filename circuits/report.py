@@ -18,7 +18,6 @@ on stderr), 2 for invalid arguments.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -42,7 +41,7 @@ from circuits.analysis.composition import (
     model_composition_baseline,
 )
 from circuits.checkpoints import SHIPPED_DIR, Checkpoint, CheckpointError, load_checkpoint
-from circuits.data import DataError, WindowSampler, load_tokens
+from circuits.data import DataError, WindowSampler, load_tokens, resolve_data_spec
 
 REPO_ROOT = SHIPPED_DIR.parent
 DEFAULT_WINDOWS = 64
@@ -77,10 +76,7 @@ def recorded_validation_spec(checkpoint: Checkpoint) -> str | list[str] | None:
 
 def _resolve_item(item: str) -> str:
     """Resolve a relative path or pattern from the current folder if it matches, else the root."""
-    if item.startswith("hf:") or os.path.isabs(item) or glob.glob(item):
-        return item
-    from_root = str(REPO_ROOT / item)
-    return from_root if glob.glob(from_root) else item
+    return resolve_data_spec(item, REPO_ROOT)
 
 
 def load_validation_windows(

@@ -53,7 +53,7 @@ from circuits.checkpoints import (
     save_checkpoint,
     write_json,
 )
-from circuits.data import DataError, MixtureSampler, WindowSampler, load_tokens
+from circuits.data import DataError, MixtureSampler, WindowSampler, load_tokens, resolve_data_spec
 from circuits.model import AttnOnlyTransformer, ModelConfig
 from circuits.tokenizer import Tokenizer
 
@@ -273,7 +273,7 @@ def make_train_sampler(run: RunConfig, progress: bool):
 
     samplers, record = [], []
     for source, weight in mixture:
-        tokens = load_tokens(source, run.tokenizer, progress=progress)
+        tokens = load_tokens(resolve_data_spec(source), run.tokenizer, progress=progress)
         samplers.append(WindowSampler(tokens, run.model.n_ctx, run.tokenizer.bos_token_id))
         record.append({"source": source, "weight": weight, "tokens": int(len(tokens))})
     if len(samplers) == 1:
@@ -285,7 +285,8 @@ def load_training_data(run: RunConfig, progress: bool):
     """Return (training sampler, its data record, validation token stream), building caches."""
     try:
         sampler, data_record = make_train_sampler(run, progress)
-        validation_tokens = load_tokens(run.validation_data, run.tokenizer, progress=progress)
+        validation_tokens = load_tokens(resolve_data_spec(run.validation_data), run.tokenizer,
+                                        progress=progress)
     except DataError as error:
         raise SystemExit(f"error: {error}") from error
     return sampler, data_record, validation_tokens
@@ -403,13 +404,14 @@ def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
     cfg = run.training
     if place.is_main:
         check_writable(out)
-        (out / RESUME_DIR).mkdir(exist_ok=True)
 
     # Rank 0 builds any missing token cache alone; the other ranks then read it.
     if not place.is_main:
         place.barrier()
     sampler, data_record, validation_tokens = load_training_data(run, progress and place.is_main)
     if place.is_main:
+        # Made only once the data loads, so a failed start leaves no empty run state behind.
+        (out / RESUME_DIR).mkdir(exist_ok=True)
         place.barrier()
     validation = WindowSampler(
         validation_tokens, run.model.n_ctx, run.tokenizer.bos_token_id

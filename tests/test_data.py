@@ -14,6 +14,7 @@ from circuits.data import (
     MixtureSampler,
     WindowSampler,
     load_tokens,
+    resolve_data_spec,
     resolve_files,
     token_dtype,
 )
@@ -194,3 +195,30 @@ def test_python_stdlib_source():
     assert len(files) > 500
     assert all(path.suffix == ".py" for path in files)
     assert not any("site-packages" in path.parts for path in files)
+
+
+def test_relative_data_path_falls_back_to_root(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "a.jsonl").write_text('{"text": "x"}\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert resolve_data_spec("data/*.jsonl", root) == str(root / "data/*.jsonl")
+    assert resolve_data_spec(["data/a.jsonl"], root) == [str(root / "data/a.jsonl")]
+    # Unmatched anywhere, absolute, stdlib and hub specs stay as written.
+    assert resolve_data_spec("missing/*.jsonl", root) == "missing/*.jsonl"
+    assert resolve_data_spec(str(root / "data"), root) == str(root / "data")
+    assert resolve_data_spec("python-stdlib", root) == "python-stdlib"
+    assert resolve_data_spec("hf:user/name", root) == "hf:user/name"
+
+
+def test_relative_data_path_prefers_current_folder(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "a.jsonl").write_text('{"text": "x"}\n')
+    here = tmp_path / "here"
+    (here / "data").mkdir(parents=True)
+    (here / "data" / "a.jsonl").write_text('{"text": "y"}\n')
+    monkeypatch.chdir(here)
+    assert resolve_data_spec("data/a.jsonl", root) == "data/a.jsonl"
