@@ -97,9 +97,13 @@ def load_validation_windows(
             tokens, checkpoint.model.cfg.n_ctx, checkpoint.tokenizer.bos_token_id
         ).sequential_windows(n_windows)
     except DataError as error:
-        origin = "--data" if data is not None else "the checkpoint's validation data"
-        raise ReportError(f"{origin} is not readable: {error}; pass --data PATH or --skip-data") \
-            from error
+        if data is not None:
+            advice = "check the --data path, or pass --skip-data"
+            origin = "--data"
+        else:
+            advice = "pass --data PATH or --skip-data"
+            origin = "the checkpoint's validation data"
+        raise ReportError(f"{origin} is not readable: {error}; {advice}") from error
     return ValidationData(windows=windows, source=", ".join(resolved))
 
 
@@ -235,6 +239,7 @@ def format_table(report: dict) -> str:
             f"{partner['partner']} {partner['composition'].upper()} {partner['score']:.3f}",
         })
     lines.append(pd.DataFrame(rows).to_string(index=False))
+    lines.append("offset: the relative offset i - j with the most mean attention, keys after BOS")
     baseline = report["composition_baseline"]
     lines.append(
         f"composition baseline (random factors, {baseline['n_samples']} draws): "

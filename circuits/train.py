@@ -402,13 +402,21 @@ def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
     from tqdm.auto import tqdm
 
     cfg = run.training
+    created = not out.exists()
     if place.is_main:
         check_writable(out)
 
     # Rank 0 builds any missing token cache alone; the other ranks then read it.
     if not place.is_main:
         place.barrier()
-    sampler, data_record, validation_tokens = load_training_data(run, progress and place.is_main)
+    try:
+        sampler, data_record, validation_tokens = load_training_data(run,
+                                                                     progress and place.is_main)
+    except SystemExit:
+        # Remove the output folder this call created, so a failed start leaves nothing behind.
+        if place.is_main and created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     if place.is_main:
         # Made only once the data loads, so a failed start leaves no empty run state behind.
         (out / RESUME_DIR).mkdir(exist_ok=True)

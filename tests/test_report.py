@@ -121,6 +121,14 @@ def test_table_output(workspace, capsys):
     for name in ("L0H0", "L1H3", "copying", "prev_token", "prefix_match", "partner"):
         assert name in output
     assert "composition baseline" in output
+    assert "offset: the relative offset" in output
+
+
+def test_unreadable_data_option_names_the_option(workspace, capsys):
+    assert main(["model", "--data", str(workspace / "missing.jsonl")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: --data is not readable")
+    assert "check the --data path" in error
 
 
 def test_data_option_overrides_recorded_data(workspace, capsys):
@@ -188,7 +196,8 @@ def test_closed_pipe_is_not_an_error(workspace):
     process.stdout.close()
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 0
-    assert "BrokenPipeError" not in stderr and "Traceback" not in stderr
+    assert "BrokenPipeError" not in stderr
+    assert "Traceback" not in stderr
 
 
 def test_missing_path_gives_one_line_error_without_traceback(tmp_path):

@@ -188,8 +188,13 @@ def test_missing_data_files(tmp_path):
     raw = run_config(tmp_path / "none-*.jsonl", tmp_path / "none.jsonl")
     with pytest.raises(SystemExit, match="no files match"):
         train(RunConfig.from_dict(raw), tmp_path / "run", progress=False)
-    # The failed start leaves no run state that a later --resume would trip over.
-    assert not (tmp_path / "run" / "resume").exists()
+    # The failed start leaves neither the output folder it created nor empty run state.
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(SystemExit, match="no files match"):
+        train(RunConfig.from_dict(raw), tmp_path / "kept", progress=False)
+    assert (tmp_path / "kept").is_dir()
+    assert not (tmp_path / "kept" / "resume").exists()
 
 
 def test_cli_reports_missing_config(tmp_path):
