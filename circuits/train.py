@@ -576,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                              "then exit without training (run once before a multi-process launch "
                              "on a large dataset)")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.out is None and not args.prepare_data:
         parser.error("the following arguments are required: --out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     args = parser.parse_args(argv)
     folder = checked_folder(args.checkpoint)
+    if not folder.is_dir():
+        shipped = sorted(p.name for p in SHIPPED.iterdir() if (p / "config.json").is_file())
+        print(f"error: {args.checkpoint} is neither a folder nor a shipped checkpoint "
+              f"({', '.join(shipped)})", file=sys.stderr)
+        return 2
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).is_file():
             print(f"error: {folder / name} not found", file=sys.stderr)

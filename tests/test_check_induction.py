@@ -70,6 +70,13 @@ def test_missing_checkpoint_files(tmp_path, capsys):
     assert "config.json not found" in capsys.readouterr().err
 
 
+def test_unknown_name_lists_shipped_checkpoints(tmp_path, capsys):
+    assert check_induction.main([str(tmp_path / "no-such-model")]) == 2
+    error = capsys.readouterr().err
+    assert "neither a folder nor a shipped checkpoint" in error
+    assert "attn-only-2l" in error
+
+
 def test_corrupt_checkpoint_reported(tmp_path, capsys):
     folder = save_checkpoint(tiny_model(d_vocab=257, n_ctx=110), Tokenizer(256), tmp_path / "c")
     weights = folder / "model.safetensors"

@@ -245,6 +245,15 @@ def test_cli_rejects_bad_device(tmp_path, device, message):
         main([str(tmp_path / "none.toml"), "--out", str(tmp_path / "o"), "--device", device])
 
 
+def test_cli_rejects_zero_steps(tmp_path, capsys):
+    from circuits.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "none.toml"), "--out", str(tmp_path / "o"), "--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stop_at", [0, 7])
 def test_stop_step_must_fall_on_the_log_grid(text_files, tmp_path, stop_at):
     raw = run_config(*text_files)
