@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".txt", ".txt.gz")
 HUB_PREFIX = "hf:"
 PYTHON_STDLIB = "python-stdlib"
-# Relative data paths in configs and checkpoints are written from here.
+# The repository root: relative data paths in configs and checkpoints start here.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Documents are tokenized in batches of this many, with tiktoken's threads.
 ENCODE_BATCH = 64

@@ -1,8 +1,8 @@
 """``python -m circuits.report CHECKPOINT [--json]``: a summary of every head of a checkpoint.
 
 For each head: the copying score of its OV circuit, the previous-token score and the preferred
-relative offset on validation windows (keys after BOS), the prefix-matching score on repeated random tokens, and
-its strongest composition partner. Also every Q-, K- and V-composition score between heads in
+relative offset (keys after BOS) on validation windows, the prefix-matching score on repeated
+random tokens, and its strongest composition partner. Also every Q-, K- and V-composition score between heads in
 different layers, with the random baseline.
 
 Validation windows come from ``--data`` when given, and otherwise from the validation data recorded
@@ -40,10 +40,9 @@ from circuits.analysis.composition import (
     all_composition_scores,
     model_composition_baseline,
 )
-from circuits.checkpoints import SHIPPED_DIR, Checkpoint, CheckpointError, load_checkpoint
+from circuits.checkpoints import Checkpoint, CheckpointError, load_checkpoint
 from circuits.data import DataError, WindowSampler, load_tokens, resolve_data_spec
 
-REPO_ROOT = SHIPPED_DIR.parent
 DEFAULT_WINDOWS = 64
 # Repeated random tokens for the prefix-matching score: at most this period and repeat count.
 MAX_PERIOD = 25
@@ -74,11 +73,6 @@ def recorded_validation_spec(checkpoint: Checkpoint) -> str | list[str] | None:
     return None
 
 
-def _resolve_item(item: str) -> str:
-    """Resolve a relative path or pattern from the current folder if it matches, else the root."""
-    return resolve_data_spec(item, REPO_ROOT)
-
-
 def load_validation_windows(
     checkpoint: Checkpoint, data: str | None, n_windows: int
 ) -> ValidationData:
@@ -90,7 +84,7 @@ def load_validation_windows(
             "(JSON lines or text files) or --skip-data"
         )
     items = [spec] if isinstance(spec, str) else list(spec)
-    resolved = [_resolve_item(item) for item in items]
+    resolved = resolve_data_spec(items)
     try:
         tokens = load_tokens(resolved, checkpoint.tokenizer, progress=False)
         windows = WindowSampler(

@@ -57,7 +57,7 @@ def source_stats(tokens: np.ndarray, d_vocab: int, n_ctx: int, n_windows: int,
                  seed: int = 0) -> dict:
     """Return the repeat frequency, reliability and copy gain of one token stream."""
     if len(tokens) <= n_ctx:
-        raise ValueError(f"the stream has {len(tokens)} tokens, not more than n_ctx = {n_ctx}")
+        raise ValueError(f"stream too short: {len(tokens)} tokens, needs more than n_ctx = {n_ctx}")
     head = np.asarray(tokens[:BIGRAM_TOKENS], dtype=np.int64)
     counts = np.bincount(head[:-1] * d_vocab + head[1:], minlength=d_vocab * d_vocab)
     counts = counts.reshape(d_vocab, d_vocab)

@@ -217,8 +217,8 @@ def test_relative_data_path_prefers_current_folder(tmp_path, monkeypatch):
     root = tmp_path / "root"
     (root / "data").mkdir(parents=True)
     (root / "data" / "a.jsonl").write_text('{"text": "x"}\n')
-    here = tmp_path / "here"
-    (here / "data").mkdir(parents=True)
-    (here / "data" / "a.jsonl").write_text('{"text": "y"}\n')
-    monkeypatch.chdir(here)
+    current = tmp_path / "current"
+    (current / "data").mkdir(parents=True)
+    (current / "data" / "a.jsonl").write_text('{"text": "y"}\n')
+    monkeypatch.chdir(current)
     assert resolve_data_spec("data/a.jsonl", root) == "data/a.jsonl"

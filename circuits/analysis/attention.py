@@ -159,11 +159,13 @@ def previous_token_scores(
     return _mean_over_batches(model, windows, batch_size, previous_token_score_from_patterns)
 
 
-def offset_profile_after_bos_from_patterns(pattern: torch.Tensor, max_offset: int) -> torch.Tensor:
-    """Mean of ``A[i, i - o]`` over queries i >= o + 1 (keys after position 0), [..., max_offset + 1].
+def offset_profile_after_bos_from_patterns(
+    pattern: torch.Tensor, max_offset: int
+) -> torch.Tensor:
+    """Return the mean of ``A[i, i - o]`` over queries i >= o + 1, shape [..., max_offset + 1].
 
-    Position 0 holds BOS, where many heads park attention they do not need; leaving its key out
-    keeps that parking from showing up as a preference for offset i.
+    The key at position 0 (BOS) is left out. Many heads park unneeded attention on BOS, and
+    counting it would make such a head seem to prefer the offset of the last query.
     """
     _check_pattern(pattern)
     n_pos = pattern.shape[-1]
