@@ -50,6 +50,7 @@ from circuits.train import (  # noqa: E402
     learning_rate,
     make_optimizer,
     make_train_sampler,
+    use_autocast,
 )
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -264,11 +265,12 @@ StepFunction = Callable[[torch.Tensor, int], float]
 def training_step(model: torch.nn.Module, loss_fn: Callable, cfg: TrainConfig) -> StepFunction:
     """Build one optimiser step as circuits.train runs it: AdamW, schedule, clipping, autocast."""
     optimizer = make_optimizer(model, cfg)
+    autocast = use_autocast(cfg.autocast, "cpu")
 
     def step(batch: torch.Tensor, index: int) -> float:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(index, cfg)
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.autocast):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -279,9 +281,10 @@ def training_step(model: torch.nn.Module, loss_fn: Callable, cfg: TrainConfig) -
     return step
 
 
-def forward_pass(model: torch.nn.Module) -> StepFunction:
+def forward_pass(model: torch.nn.Module, autocast: bool) -> StepFunction:
     def run(batch: torch.Tensor, index: int) -> float:
-        with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16,
+                                             enabled=autocast):
             return float(model(batch)[0, -1, 0])
 
     return run
@@ -418,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         run.raw["training"]["batch_size"] = args.batch_size
         run = RunConfig.from_dict(run.raw, source=args.config)
     cfg, train_cfg = run.model, run.training
+    autocast = use_autocast(train_cfg.autocast, "cpu")
     machine = describe_machine(args.clock_ghz)
     tokens_per_step = train_cfg.batch_size * cfg.n_ctx
     print(f"{machine.cpu}, {machine.cores} cores, {machine.threads} torch threads, "
@@ -471,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     ours.eval()
     tl_model.eval()
     forward_seconds = alternate(
-        {"ours": forward_pass(ours), "TransformerLens": forward_pass(tl_model)},
+        {"ours": forward_pass(ours, autocast), "TransformerLens": forward_pass(tl_model, autocast)},
         batches, args.rounds, args.steps, warmup)
     for name, values in forward_seconds.items():
         print(f"forward {name}: {tokens_per_step / median(values):,.0f} tokens/s")
@@ -519,6 +523,7 @@ def render(machine, run, args, equivalence, batch_source, first_losses, train_se
            batch_seconds, analysis, analysis_source, book_seconds, profile_ours,
            profile_tl) -> str:
     cfg, train_cfg = run.model, run.training
+    autocast = use_autocast(train_cfg.autocast, "cpu")
     tokens_per_step = train_cfg.batch_size * cfg.n_ctx
     peak = machine.peak_bf16_flops
     lines = [
@@ -536,8 +541,8 @@ def render(machine, run, args, equivalence, batch_source, first_losses, train_se
         f"- Config `{Path(args.config).resolve().relative_to(REPO)}`: {cfg.n_layers} layers, "
         f"d_model {cfg.d_model}, {cfg.n_heads} heads of "
         f"{cfg.d_head}, n_ctx {cfg.n_ctx}, d_vocab {cfg.d_vocab}; batch {train_cfg.batch_size} "
-        f"x {cfg.n_ctx} = {tokens_per_step} tokens per step; AdamW, gradient clipping, bf16 "
-        f"autocast; batches: {batch_source}",
+        f"x {cfg.n_ctx} = {tokens_per_step} tokens per step; AdamW, gradient clipping, "
+        f"{'bf16 autocast' if autocast else 'float32'}; batches: {batch_source}",
         "",
         "### Same function",
         "",

@@ -151,7 +151,8 @@ def build_report(
 
     Keys: ``checkpoint``, ``validation_data`` (source and window count, or None), ``heads`` (one
     record per head), ``composition`` (one record per pair of heads in different layers, source
-    layer first, raw scores), ``composition_baseline`` (random expectation of q, k, v).
+    layer first, raw scores), ``composition_baseline`` (random expectation of q, k, v; None
+    below two layers).
     """
     model = checkpoint.model
     cfg = model.cfg
@@ -177,9 +178,12 @@ def build_report(
         # offset of the last query, whose only key at that offset is BOS.
         offsets = preferred_offsets(model, validation.windows, skip_bos=True).argmax(-1)
 
-    baseline = model_composition_baseline(model, n_samples=baseline_samples, seed=seed)
-    report["composition_baseline"] = {**baseline.as_dict(), "n_samples": baseline.n_samples,
-                                      "seed": baseline.seed}
+    # Composition needs heads in two layers, so a one-layer model has no scores and no baseline.
+    baseline = None
+    if cfg.n_layers > 1:
+        baseline = model_composition_baseline(model, n_samples=baseline_samples, seed=seed)
+        report["composition_baseline"] = {**baseline.as_dict(), "n_samples": baseline.n_samples,
+                                          "seed": baseline.seed}
     for (source_layer, target_layer), scores in all_composition_scores(model).items():
         for source_head in range(cfg.n_heads):
             for target_head in range(cfg.n_heads):
@@ -189,7 +193,7 @@ def build_report(
                     **{kind: _number(getattr(scores, kind)[source_head, target_head])
                        for kind in COMPOSITION_KINDS},
                 })
-    partners = _strongest_partners(report["composition"], baseline)
+    partners = {} if baseline is None else _strongest_partners(report["composition"], baseline)
 
     for layer in range(cfg.n_layers):
         for head in range(cfg.n_heads):
@@ -208,7 +212,7 @@ def build_report(
 
 
 def format_table(report: dict) -> str:
-    """Format the report as plain text: one row per head, then the composition baseline."""
+    """Format the report as plain text: one row per head, then any composition baseline."""
     lines = [f"checkpoint: {report['checkpoint']}"]
     data = report["validation_data"]
     if data is not None:
@@ -235,10 +239,11 @@ def format_table(report: dict) -> str:
     lines.append(pd.DataFrame(rows).to_string(index=False))
     lines.append("offset: the relative offset i - j with the most mean attention, keys after BOS")
     baseline = report["composition_baseline"]
-    lines.append(
-        f"composition baseline (random factors, {baseline['n_samples']} draws): "
-        f"Q {baseline['q']:.3f}  K {baseline['k']:.3f}  V {baseline['v']:.3f}"
-    )
+    if baseline is not None:
+        lines.append(
+            f"composition baseline (random factors, {baseline['n_samples']} draws): "
+            f"Q {baseline['q']:.3f}  K {baseline['k']:.3f}  V {baseline['v']:.3f}"
+        )
     return "\n".join(lines)
 
 

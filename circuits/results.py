@@ -285,7 +285,8 @@ def two_layer_results(name="attn-only-2l") -> list[Result]:
     within = "within" if abs(weakest["change"]) < subset.standard_error else "beyond"
     icl_text = (
         f"ICL score (loss at token {icl.late_index} minus token {icl.early_index}) "
-        f"{icl.score:.3f} ± {icl.standard_error:.3f} nats over {icl.n_windows} windows. On the "
+        f"{icl.score:.3f} ± {icl.standard_error:.3f} nats (mean ± standard error over "
+        f"{icl.n_windows} windows). On the "
         f"{subset.n_windows} windows of the ablation ({subset.score:.3f} ± "
         f"{subset.standard_error:.3f}), ablating {weakest['name']} raises the score most, by "
         f"{weakest['change']:.3f} nats, {within} one standard error."

@@ -4,8 +4,10 @@
     python -m circuits.train configs/attn-only-2l.toml --out checkpoints/attn-only-2l --resume
     torchrun --standalone --nproc_per_node=2 -m circuits.train configs/attn-only-2l.toml --out ...
 
-The optimiser is AdamW with linear warm-up then cosine decay and gradient clipping, under bf16
-autocast (CPU or CUDA). Every ``checkpoint_every`` steps the run writes
+The optimiser is AdamW with linear warm-up then cosine decay and gradient clipping. The loss runs
+under bf16 autocast where the hardware computes bf16 natively (``autocast = "auto"``, the
+default; see ``native_bf16``) and in float32 elsewhere. Every ``checkpoint_every`` steps the run
+writes
 
 - ``resume/step-N/``: weights, optimiser state, log and step, filled under a temporary name and
   renamed, then ``resume/latest.json`` pointing at it (replaced atomically);
@@ -84,7 +86,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     # Steps at which a copy of the weights is kept under snapshots/.
     snapshot_steps: list[int] = field(default_factory=list)
-    autocast: bool = True
+    # bf16 autocast: true, false, or "auto" (on where the device computes bf16 natively).
+    autocast: bool | str = "auto"
     # Log the training probe's per-head measurements at every evaluation (circuits.dynamics).
     probe: bool = False
     probe_icl_windows: int = 200
@@ -102,6 +105,8 @@ class TrainConfig:
                 f"({self.log_every}) so a resumed run logs the same intervals"
             )
         self.betas = tuple(self.betas)
+        if self.autocast not in (True, False, "auto"):
+            raise ValueError(f'autocast must be true, false or "auto", got {self.autocast!r}')
 
 
 @dataclass
@@ -149,6 +154,35 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def native_bf16(device: str) -> bool:
+    """Return whether ``device`` computes bf16 matrix products in hardware.
+
+    On CUDA this is ``torch.cuda.is_bf16_supported()``. On a CPU it is the check PyTorch makes
+    before it uses oneDNN's bf16 kernels: true with AVX-512 (fastest with AMX), false with AVX2
+    only. Without that support autocast emulates bf16: on a 2-core AVX2 CPU one step of the
+    2-layer configuration took 9.4 s under autocast against 0.33 s in float32 (measured with
+    torch 2.13.0).
+    """
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_autocast(setting: bool | str, device: str) -> bool:
+    """Resolve the ``autocast`` setting for ``device``: ``"auto"`` follows ``native_bf16``."""
+    if setting == "auto":
+        return native_bf16(device)
+    if setting and not native_bf16(device):
+        log.warning("bf16 autocast is on, but %s has no native bf16 support, so training may be "
+                    "many times slower than in float32; set autocast = \"auto\" or false", device)
+    return bool(setting)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -430,6 +464,9 @@ def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
         metrics_hook = TrainingProbe(validation_tokens, run.tokenizer, run.model.n_ctx,
                                      icl_windows=cfg.probe_icl_windows, seed=cfg.seed)
 
+    autocast = use_autocast(cfg.autocast, device)
+    if place.is_main:
+        log.info("training %s", "under bf16 autocast" if autocast else "in float32")
     torch.manual_seed(cfg.seed)
     model = AttnOnlyTransformer(run.model).to(device)
     optimizer = make_optimizer(model, cfg)
@@ -457,6 +494,7 @@ def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
             "tokens_seen": step * cfg.batch_size * run.model.n_ctx,
             "wall_time_s": round(elapsed, 1),
             "device": device,
+            "autocast": autocast,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "data": data_record,
@@ -515,7 +553,7 @@ def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
 
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.autocast):
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
             loss = net(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -540,7 +578,7 @@ def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
             }
             if place.is_main and (done % cfg.eval_every == 0 or done == cfg.steps):
                 # Per-process batches: the global batch may not fit in one device's memory.
-                record["val_loss"] = evaluate(model, validation, device, cfg.autocast,
+                record["val_loss"] = evaluate(model, validation, device, autocast,
                                               local_batch)
                 if metrics_hook is not None:
                     record.update(metrics_hook(model, done))

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from circuits.checkpoints import load_checkpoint, read_log
-from circuits.train import RunConfig, TrainConfig, learning_rate, train
+import circuits.train as train_module
+from circuits.train import RunConfig, TrainConfig, learning_rate, native_bf16, train, use_autocast
 
 
 def run_config(train_file, validation_file, **training) -> dict:
@@ -175,6 +176,7 @@ def test_learning_rate_schedule():
         (lambda raw: raw["training"].update(checkpoint_every=5), "multiple of log_every"),
         (lambda raw: raw["training"].update(nonsense=1), "nonsense"),
         (lambda raw: raw["tokenizer"].update(n_ranks=10), "n_ranks must be between"),
+        (lambda raw: raw["training"].update(autocast="yes"), 'autocast must be true, false or "auto"'),
     ],
 )
 def test_invalid_config(text_files, change, message):
@@ -277,3 +279,40 @@ def test_cli_interrupt_points_to_resume(text_files, tmp_path, monkeypatch, capsy
     error = capsys.readouterr().err
     assert f"interrupted: {out} keeps the state of its last checkpoint" in error
     assert "--resume" in error
+
+
+def test_autocast_setting_follows_native_bf16(monkeypatch, caplog):
+    for native in (True, False):
+        monkeypatch.setattr(train_module, "native_bf16", lambda device, native=native: native)
+        assert use_autocast("auto", "cpu") is native
+        assert use_autocast(False, "cpu") is False
+        caplog.clear()
+        assert use_autocast(True, "cpu") is True
+        # Forcing autocast on without hardware support warns that it will be slow.
+        assert ("no native bf16 support" in caplog.text) is (not native)
+
+
+def test_native_bf16_is_false_for_devices_without_it():
+    assert native_bf16("meta") is False
+    if not torch.cuda.is_available():
+        assert native_bf16("cuda") is False
+    assert isinstance(native_bf16("cpu"), bool)
+
+
+def test_auto_precision_runs_and_is_recorded(text_files, tmp_path, monkeypatch):
+    def run(name, autocast, native):
+        monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+        raw = run_config(*text_files, steps=6, checkpoint_every=6, eval_every=6,
+                         snapshot_steps=[], autocast=autocast)
+        out = train(RunConfig.from_dict(raw), tmp_path / name, progress=False)
+        return weights(out), load_checkpoint(out).config["training"]["autocast"]
+
+    float32, recorded = run("float32", False, True)
+    assert recorded is False
+    auto_off, recorded = run("auto-off", "auto", False)
+    assert recorded is False
+    assert_same_weights(auto_off, float32)
+    auto_on, recorded = run("auto-on", "auto", True)
+    assert recorded is True
+    # bf16 products round differently, so the weights must leave the float32 run's.
+    assert any(not torch.equal(auto_on[key], float32[key]) for key in float32)
