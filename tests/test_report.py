@@ -174,12 +174,12 @@ def test_zero_layer_checkpoint_needs_no_data(tmp_path, monkeypatch, capsys):
 def test_one_layer_report_has_no_composition(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     make_checkpoint(tmp_path / "one", validation=None, n_layers=1)
-    report = run_json(capsys, "one")
+    report = run_json(capsys, "one", "--skip-data")
     assert len(report["heads"]) == 4
     assert report["composition"] == []
     assert report["composition_baseline"] is None
     assert all(head["strongest_partner"] is None for head in report["heads"])
-    assert main(["one"]) == 0
+    assert main(["one", "--skip-data"]) == 0
     table = capsys.readouterr().out
     assert "L0H3" in table
     assert "composition baseline" not in table
