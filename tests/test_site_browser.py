@@ -105,9 +105,16 @@ def operate_control(page, figure: dict) -> None:
     locator = page.locator(f"#{figure['id']}")
     locator.scroll_into_view_if_needed()
     if figure["dropdowns"]:
-        locator.locator(".updatemenu-header-group").first.click()
+        header = locator.locator(".updatemenu-header-group").first
+        # The header shows the active entry's label followed by an arrow.
+        current = (header.text_content() or "").strip().rstrip("▼▲").strip()
+        header.click()
         page.wait_for_timeout(200)
-        locator.locator(".updatemenu-dropdown-button").last.click()
+        # The last entry unless it is the one shown, as when a figure opens on its last head.
+        entries = locator.locator(".updatemenu-dropdown-button")
+        texts = [text.strip() for text in entries.all_text_contents()]
+        others = [index for index, text in enumerate(texts) if text != current]
+        entries.nth(others[-1] if others else len(texts) - 1).click()
     elif figure["buttons"]:
         locator.locator(".updatemenu-button").last.click()
     else:
