@@ -341,7 +341,7 @@ def test_phase_change_needs_both_criteria():
 def test_verdict_before_induction():
     text = training_log.induction_verdict(progress_of([(100, 0.04, 9.5), (200, 0.03, 9.0)]))
 
-    assert text.startswith("**No phase change yet.**")
+    assert text.startswith("**Induction heads have not formed yet.**")
     assert "step 200 (0.0M tokens)" in text
     assert "best prefix-matching score is 0.030 (L0H0; criterion > 0.5)" in text
     assert "highest at any evaluation is 0.040, at step 100" in text

@@ -383,8 +383,8 @@ def induction_verdict(progress: pd.DataFrame) -> str:
     if formed_at is None:
         peak = progress.loc[progress["best_prefix_matching"].idxmax()]
         text = (
-            f"**No phase change yet.** At the last evaluation, step {int(last['step']):,} "
-            f"({_millions(last['tokens'])}), the best prefix-matching score is "
+            f"**Induction heads have not formed yet.** At the last evaluation, step "
+            f"{int(last['step']):,} ({_millions(last['tokens'])}), the best prefix-matching score is "
             f"{last['best_prefix_matching']:.3f} ({last['best_head']}; criterion > "
             f"{PREFIX_THRESHOLD}), and the highest at any evaluation is "
             f"{peak['best_prefix_matching']:.3f}, at step {int(peak['step']):,}. The second copy "
