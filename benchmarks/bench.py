@@ -262,10 +262,10 @@ def batch_build_time(run: RunConfig, sampler, repeats: int = 200) -> float | Non
 StepFunction = Callable[[torch.Tensor, int], float]
 
 
-def training_step(model: torch.nn.Module, loss_fn: Callable, cfg: TrainConfig) -> StepFunction:
+def training_step(model: torch.nn.Module, loss_fn: Callable, cfg: TrainConfig,
+                  autocast: bool) -> StepFunction:
     """Build one optimiser step as circuits.train runs it: AdamW, schedule, clipping, autocast."""
     optimizer = make_optimizer(model, cfg)
-    autocast = use_autocast(cfg.autocast, "cpu")
 
     def step(batch: torch.Tensor, index: int) -> float:
         for group in optimizer.param_groups:
@@ -444,9 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     tl_model = transformer_lens_model(cfg, torch.float32).train()
     copy_weights_to_transformer_lens(ours, tl_model)
     contenders: dict[str, StepFunction] = {
-        "ours": training_step(ours, ours.loss, train_cfg),
+        "ours": training_step(ours, ours.loss, train_cfg, autocast),
         "TransformerLens": training_step(tl_model, lambda b: tl_model(b, return_type="loss"),
-                                         train_cfg),
+                                         train_cfg, autocast),
     }
     first_losses = {name: step(batches[0], 0) for name, step in contenders.items()}
     print("loss of the first step from the same weights:", first_losses)
@@ -459,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(train_cfg.seed)
         compiled_model = AttnOnlyTransformer(cfg).train()
         compiled = torch.compile(LossModule(compiled_model))
-        contenders["ours, torch.compile"] = training_step(compiled_model, compiled, train_cfg)
+        contenders["ours, torch.compile"] = training_step(compiled_model, compiled, train_cfg,
+                                                          autocast)
         start = time.perf_counter()
         contenders["ours, torch.compile"](batches[0], 0)
         compile_seconds = time.perf_counter() - start
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(machine, run, args, equivalence, batch_source, first_losses, train_seconds,
                      forward_seconds, train_ratio, forward_ratio, compile_seconds, flops, achieved,
                      gemm, batch_seconds, analysis, analysis_source, book_seconds, profile_ours,
-                     profile_tl)
+                     profile_tl, autocast)
     if not args.no_write:
         write_results(section, RESULTS)
         print(f"wrote {RESULTS}")
@@ -521,9 +522,8 @@ def main(argv: list[str] | None = None) -> int:
 def render(machine, run, args, equivalence, batch_source, first_losses, train_seconds,
            forward_seconds, train_ratio, forward_ratio, compile_seconds, flops, achieved, gemm,
            batch_seconds, analysis, analysis_source, book_seconds, profile_ours,
-           profile_tl) -> str:
+           profile_tl, autocast: bool) -> str:
     cfg, train_cfg = run.model, run.training
-    autocast = use_autocast(train_cfg.autocast, "cpu")
     tokens_per_step = train_cfg.batch_size * cfg.n_ctx
     peak = machine.peak_bf16_flops
     lines = [

@@ -2,8 +2,8 @@
 
 For each head: the copying score of its OV circuit, the previous-token score and the preferred
 relative offset (keys after BOS) on validation windows, the prefix-matching score on repeated
-random tokens, and its strongest composition partner. Also every Q-, K- and V-composition score between heads in
-different layers, with the random baseline.
+random tokens, and its strongest composition partner. Also every Q-, K- and V-composition
+score between heads in different layers, with the random baseline.
 
 Validation windows come from ``--data`` when given, and otherwise from the validation data recorded
 in the checkpoint (``config["training"]["config"]["data"]["validation"]``). Its relative paths

@@ -86,7 +86,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     # Steps at which a copy of the weights is kept under snapshots/.
     snapshot_steps: list[int] = field(default_factory=list)
-    # bf16 autocast: true, false, or "auto" (on where the device computes bf16 natively).
+    # bf16 autocast: true, false, or "auto" (on only where the device computes bf16 natively).
     autocast: bool | str = "auto"
     # Log the training probe's per-head measurements at every evaluation (circuits.dynamics).
     probe: bool = False
@@ -181,7 +181,8 @@ def use_autocast(setting: bool | str, device: str) -> bool:
         return native_bf16(device)
     if setting and not native_bf16(device):
         log.warning("bf16 autocast is on, but %s has no native bf16 support, so training may be "
-                    "many times slower than in float32; set autocast = \"auto\" or false", device)
+                    "many times slower than in float32. Set autocast = \"auto\" or false to "
+                    "train in float32", device)
     return bool(setting)
 
 

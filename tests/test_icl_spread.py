@@ -43,8 +43,8 @@ def test_standard_error_naive():
         losses = model.loss(batch, per_token=True).double().numpy()
     # Column i - 1 is the loss of the token at index i.
     differences = losses[:, 14] - losses[:, 2]
-    # Both sides start from float32 losses of several nats computed by different kernels, so they
-    # agree to about 1e-6 nats, not to a relative 1e-6 of a small difference.
+    # Both sides come from float32 losses of several nats, computed by different kernels, so
+    # they agree to about 1e-6 nats, which is not a relative 1e-6 of a small difference.
     assert spread.score == pytest.approx(differences.mean(), abs=1e-5)
     assert spread.standard_error == pytest.approx(differences.std(ddof=1) / math.sqrt(6),
                                                   abs=1e-5)

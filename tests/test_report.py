@@ -171,7 +171,7 @@ def test_zero_layer_checkpoint_needs_no_data(tmp_path, monkeypatch, capsys):
     assert report["composition"] == []
 
 
-def test_one_layer_report_has_no_composition(tmp_path, monkeypatch, capsys):
+def test_one_layer_report_omits_composition(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     make_checkpoint(tmp_path / "one", validation=None, n_layers=1)
     report = run_json(capsys, "one", "--skip-data")

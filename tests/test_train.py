@@ -176,7 +176,8 @@ def test_learning_rate_schedule():
         (lambda raw: raw["training"].update(checkpoint_every=5), "multiple of log_every"),
         (lambda raw: raw["training"].update(nonsense=1), "nonsense"),
         (lambda raw: raw["tokenizer"].update(n_ranks=10), "n_ranks must be between"),
-        (lambda raw: raw["training"].update(autocast="yes"), 'autocast must be true, false or "auto"'),
+        (lambda raw: raw["training"].update(autocast="yes"),
+         'autocast must be true, false or "auto"'),
     ],
 )
 def test_invalid_config(text_files, change, message):
@@ -288,11 +289,11 @@ def test_autocast_setting_follows_native_bf16(monkeypatch, caplog):
         assert use_autocast(False, "cpu") is False
         caplog.clear()
         assert use_autocast(True, "cpu") is True
-        # Forcing autocast on without hardware support warns that it will be slow.
+        # Autocast forced on without hardware support logs a warning that it will be slow.
         assert ("no native bf16 support" in caplog.text) is (not native)
 
 
-def test_native_bf16_is_false_for_devices_without_it():
+def test_native_bf16_false_without_support():
     assert native_bf16("meta") is False
     if not torch.cuda.is_available():
         assert native_bf16("cuda") is False
@@ -314,5 +315,5 @@ def test_auto_precision_runs_and_is_recorded(text_files, tmp_path, monkeypatch):
     assert_same_weights(auto_off, float32)
     auto_on, recorded = run("auto-on", "auto", True)
     assert recorded is True
-    # bf16 products round differently, so the weights must leave the float32 run's.
+    # bf16 products round differently, so the weights must differ from the float32 run's.
     assert any(not torch.equal(auto_on[key], float32[key]) for key in float32)

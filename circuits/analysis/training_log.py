@@ -384,8 +384,8 @@ def induction_verdict(progress: pd.DataFrame) -> str:
         peak = progress.loc[progress["best_prefix_matching"].idxmax()]
         text = (
             f"**Induction heads have not formed yet.** At the last evaluation, step "
-            f"{int(last['step']):,} ({_millions(last['tokens'])}), the best prefix-matching score is "
-            f"{last['best_prefix_matching']:.3f} ({last['best_head']}; criterion > "
+            f"{int(last['step']):,} ({_millions(last['tokens'])}), the best prefix-matching "
+            f"score is {last['best_prefix_matching']:.3f} ({last['best_head']}; criterion > "
             f"{PREFIX_THRESHOLD}), and the highest at any evaluation is "
             f"{peak['best_prefix_matching']:.3f}, at step {int(peak['step']):,}. The second copy "
             f"of the repeated random tokens costs {last['copy_2_loss']:.2f} nats against "
