@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Measure how strongly a checkpoint copies on random tokens repeated once.
+
+    python scripts/copy_lift.py attn-only-2l [--steps 3000 10000] [--json]
+
+The check script (`scripts/check_induction.py`) tests whether the second copy of 50 random tokens
+costs under 35% of the first. This script measures why it does or does not. On 20 sequences of BOS
+followed by 50 distinct random tokens repeated once (101 tokens), at the 49 query positions
+p = 51, ..., 99 of the second copy (the current token occurred 50 positions earlier, so the next
+one is known from the first copy), with y the correct next token:
+
+- gap: the largest logit at p minus the logit of y;
+- lift: the part of the logits that the last layer's heads contribute, at y, minus its mean over
+  the vocabulary. With o the sum of the last layer's head outputs at p, r the final residual
+  stream at p, and σ(r) the final layernorm's scale (standard deviation over d_model, with its
+  eps), that part is ((o − mean(o)) / σ(r)) ⊙ w_f · W_U, w_f being the final layernorm's weight.
+  The logits are the sum of such parts over everything written into the residual stream, plus the
+  layernorm bias times W_U, so the lift is the last layer's share of the margin of y over the
+  average token;
+- induction attention: the largest, over the last layer's heads, of the mean attention from p to
+  p − 49, the token after the earlier occurrence.
+
+The copy losses are the mean next-token losses on positions 1-50 (copy 1) and 51-100 (copy 2).
+Token ids are drawn from 100 to min(8000, K − 1), K the number of BPE ranks: one torch generator
+seeded 0, then for each sequence ``torch.randperm(min(8000, K) - 100, generator=g)[:50] + 100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from circuits.checkpoints import (  # noqa: E402
+    CheckpointError,
+    list_snapshots,
+    load_checkpoint,
+    load_snapshot,
+)
+from circuits.model import AttnOnlyTransformer  # noqa: E402
+
+N_TOKENS = 50
+N_SEQUENCES = 20
+LOW_ID = 100
+HIGH_ID = 8000
+
+
+@dataclass
+class CopyLift:
+    copy1_loss: float
+    copy2_loss: float
+    ratio: float
+    induction_attention: float
+    induction_head: str
+    lift: float
+    gap: float
+
+
+def repeated_sequences(n_ranks: int, bos: int, seed: int = 0) -> torch.Tensor:
+    """Return BOS + 50 distinct random tokens + the same 50 again, [N_SEQUENCES, 101]."""
+    high = min(HIGH_ID, n_ranks)
+    if high - LOW_ID < N_TOKENS:
+        raise ValueError(
+            f"invalid vocabulary: {n_ranks} BPE ranks leave fewer than {N_TOKENS} ids from {LOW_ID} on"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(N_SEQUENCES):
+        copy = torch.randperm(high - LOW_ID, generator=generator)[:N_TOKENS] + LOW_ID
+        rows.append(torch.cat([torch.tensor([bos]), copy, copy]))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def copy_lift(model: AttnOnlyTransformer, tokens: torch.Tensor) -> CopyLift:
+    """Measure losses, induction attention, lift and gap on ``repeated_sequences`` output."""
+    if model.cfg.n_layers < 1:
+        raise ValueError("invalid model: it has no attention layers, so no heads to copy with")
+    if tokens.shape[1] != 2 * N_TOKENS + 1:
+        raise ValueError(f"expected sequences of {2 * N_TOKENS + 1} tokens, got {tokens.shape[1]}")
+    model.eval()
+    logits, cache = model.run_with_cache(tokens)
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    logits = logits.to(compute)
+    losses = -logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    copy1 = losses[:, :N_TOKENS].mean().item()
+    copy2 = losses[:, N_TOKENS:].mean().item()
+
+    queries = torch.arange(N_TOKENS + 1, 2 * N_TOKENS)
+    targets = tokens[:, queries + 1]
+    last = model.cfg.n_layers - 1
+    attention = cache.patterns[last][:, :, queries, queries - N_TOKENS + 1].mean((0, 2))
+    best = int(attention.argmax())
+
+    resid = cache.resid_pre[-1][:, queries].to(compute)
+    output = cache.head_outputs[last][:, queries].sum(2).to(compute)
+    ln = model.ln_final
+    if ln is None:
+        part = output
+    else:
+        part = (output - output.mean(-1, keepdim=True)) / ln.scale(resid) * ln.w
+    part_logits = part @ model.unembed.W_U
+    lift = part_logits.gather(-1, targets[..., None])[..., 0] - part_logits.mean(-1)
+
+    at_queries = logits[:, queries]
+    gap = at_queries.max(-1).values - at_queries.gather(-1, targets[..., None])[..., 0]
+    return CopyLift(
+        copy1_loss=copy1,
+        copy2_loss=copy2,
+        ratio=copy2 / copy1,
+        induction_attention=float(attention[best]),
+        induction_head=f"L{last}H{best}",
+        lift=lift.mean().item(),
+        gap=gap.mean().item(),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a shipped model's name or a checkpoint folder")
+    parser.add_argument("--steps", type=int, nargs="+",
+                        help="measure these snapshots instead of the final weights")
+    parser.add_argument("--all-snapshots", action="store_true", help="measure every snapshot")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        if args.all_snapshots:
+            steps = list_snapshots(args.checkpoint)
+        else:
+            steps = args.steps
+        models = ([(step, load_snapshot(args.checkpoint, step)) for step in steps] if steps
+                  else [(checkpoint.config.get("training", {}).get("steps"), checkpoint.model)])
+        tokens = repeated_sequences(checkpoint.tokenizer.n_ranks,
+                                    checkpoint.tokenizer.bos_token_id)
+        results = {step: copy_lift(model, tokens) for step, model in models}
+    except (CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    if args.json:
+        print(json.dumps({str(step): asdict(result) for step, result in results.items()}))
+        return 0
+    print(f"{checkpoint.name}: {N_SEQUENCES} sequences of {N_TOKENS} random tokens repeated once")
+    for step, r in results.items():
+        print(f"step {step:>6}: copy 1 {r.copy1_loss:.2f} nats, copy 2 {r.copy2_loss:.2f} "
+              f"(ratio {r.ratio:.3f}); induction attention {r.induction_attention:.2f} "
+              f"({r.induction_head}); lift {r.lift:.2f} nats; gap {r.gap:.2f} nats")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
