@@ -22,6 +22,7 @@ ids 100 to min(8000, K − 1) − 1 with a fixed seed:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -107,7 +108,11 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(weights: dict, config: dict) -> None:
-    """Raise ValueError when a tensor is missing or its shape disagrees with config.json."""
+    """Raise ValueError when a tensor is missing or extra, or its shape disagrees with config.json."""
+    for name in weights:
+        if name.startswith("blocks.") and int(name.split(".")[1]) >= config["n_layers"]:
+            raise ValueError(f"model.safetensors has {name}, but config.json has n_layers = "
+                             f"{config['n_layers']}; the two files do not belong together")
     for name, shape in expected_shapes(config).items():
         if name not in weights:
             raise ValueError(f"model.safetensors lacks {name}, which config.json implies")
@@ -118,8 +123,19 @@ def check_shapes(weights: dict, config: dict) -> None:
             )
 
 
+def check_sha256(folder: Path, config: dict) -> None:
+    """Raise ValueError when config.json records a SHA-256 that model.safetensors does not have."""
+    if "sha256" not in config:
+        return
+    actual = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    if actual != config["sha256"]:
+        raise ValueError(f"model.safetensors has SHA-256 {actual}, but config.json records "
+                         f"{config['sha256']}; the two files do not belong together")
+
+
 def check(folder: Path, seed: int = 0) -> dict:
     config = json.loads((folder / "config.json").read_text())
+    check_sha256(folder, config)
     weights = {k: v.astype(np.float64) for k, v in load_file(folder / "model.safetensors").items()}
     check_shapes(weights, config)
     n_ranks = config["tokenizer"]["n_ranks"]

@@ -21,8 +21,9 @@ one is known from the first copy), with y the correct next token:
   p − 49, the token after the earlier occurrence.
 
 The copy losses are the mean next-token losses on positions 1-50 (copy 1) and 51-100 (copy 2).
-Token ids are drawn from 100 to min(8000, K − 1), K the number of BPE ranks: one torch generator
-seeded 0, then for each sequence ``torch.randperm(min(8000, K) - 100, generator=g)[:50] + 100``.
+Token ids run from 100 up to min(8000, K) − 1, K being the number of BPE ranks (100 to 2047 for
+K = 2048): one torch generator seeded 0, then for each sequence
+``torch.randperm(min(8000, K) - 100, generator=g)[:50] + 100``.
 """
 
 from __future__ import annotations
@@ -121,36 +122,59 @@ def copy_lift(model: AttnOnlyTransformer, tokens: torch.Tensor) -> CopyLift:
     )
 
 
+def _step(text: str) -> int:
+    step = int(text)
+    if step < 0:
+        raise argparse.ArgumentTypeError(f"invalid step {step}: steps are 0 or more")
+    return step
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="lift: nats the last layer's heads add to the correct token over the average "
+        "token; gap: nats between the top guess and the correct token. The script's docstring "
+        "and checkpoints/README.md define both.",
+    )
     parser.add_argument("checkpoint", help="a shipped model's name or a checkpoint folder")
-    parser.add_argument("--steps", type=int, nargs="+",
-                        help="measure these snapshots instead of the final weights")
-    parser.add_argument("--all-snapshots", action="store_true", help="measure every snapshot")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--steps", type=_step, nargs="+",
+                       help="measure these snapshots instead of the final weights")
+    which.add_argument("--all-snapshots", action="store_true", help="measure every snapshot")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
     try:
         checkpoint = load_checkpoint(args.checkpoint)
+        if checkpoint.model.cfg.n_layers < 1:
+            raise ValueError(f"invalid model: {checkpoint.name} has no attention layers, so no "
+                             "heads to copy with")
+        steps = args.steps
         if args.all_snapshots:
             steps = list_snapshots(args.checkpoint)
+            if not steps:
+                raise ValueError(f"{checkpoint.name} has no snapshots; leave out --all-snapshots "
+                                 "to measure its final weights")
+        if steps:
+            models = [(str(step), load_snapshot(args.checkpoint, step)) for step in steps]
         else:
-            steps = args.steps
-        models = ([(step, load_snapshot(args.checkpoint, step)) for step in steps] if steps
-                  else [(checkpoint.config.get("training", {}).get("steps"), checkpoint.model)])
+            final = checkpoint.config.get("training", {}).get("steps")
+            models = [(str(final) if final is not None else "final", checkpoint.model)]
         tokens = repeated_sequences(checkpoint.tokenizer.n_ranks,
                                     checkpoint.tokenizer.bos_token_id)
-        results = {step: copy_lift(model, tokens) for step, model in models}
+        # Keyed by step, or "final" for weights whose config records no step count.
+        results = {key: copy_lift(model, tokens) for key, model in models}
     except (CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
     if args.json:
-        print(json.dumps({str(step): asdict(result) for step, result in results.items()}))
+        print(json.dumps({key: asdict(result) for key, result in results.items()}))
         return 0
     print(f"{checkpoint.name}: {N_SEQUENCES} sequences of {N_TOKENS} random tokens repeated once")
-    for step, r in results.items():
-        print(f"step {step:>6}: copy 1 {r.copy1_loss:.2f} nats, copy 2 {r.copy2_loss:.2f} "
+    for key, r in results.items():
+        label = "final weights" if key == "final" else f"step {key:>6}"
+        print(f"{label}: copy 1 {r.copy1_loss:.2f} nats, copy 2 {r.copy2_loss:.2f} "
               f"(ratio {r.ratio:.3f}); induction attention {r.induction_attention:.2f} "
               f"({r.induction_head}); lift {r.lift:.2f} nats; gap {r.gap:.2f} nats")
     return 0

@@ -100,6 +100,7 @@ def test_failing_model_exits_one(tmp_path, capsys):
 
 @pytest.mark.parametrize("field, value, message", [
     ("n_layers", 3, "lacks blocks.2.attn.W_Q"),
+    ("n_layers", 1, "has blocks.1."),
     ("d_model", 16, "embed.W_E has shape"),
 ])
 def test_config_disagreeing_with_weights(tmp_path, capsys, field, value, message):
@@ -111,3 +112,12 @@ def test_config_disagreeing_with_weights(tmp_path, capsys, field, value, message
     error = capsys.readouterr().err
     assert message in error
     assert "Traceback" not in error
+
+
+def test_weights_of_another_model_reported(tmp_path, capsys):
+    folder = save_checkpoint(tiny_model(d_vocab=257, n_ctx=110), Tokenizer(256), tmp_path / "c")
+    other = save_checkpoint(tiny_model(seed=1, d_vocab=257, n_ctx=110), Tokenizer(256),
+                            tmp_path / "other")
+    (folder / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    assert check_induction.main([str(folder)]) == 2
+    assert "records" in capsys.readouterr().err

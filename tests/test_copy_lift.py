@@ -124,3 +124,28 @@ def test_command_line_missing_snapshot(tmp_path, capsys):
     folder = save_checkpoint(tiny_model(d_vocab=301, n_ctx=110), Tokenizer(300), tmp_path / "c")
     assert copy_lift.main([str(folder), "--steps", "500"]) == 2
     assert "no snapshot for step 500" in capsys.readouterr().err
+
+
+def test_command_line_without_step_count(tmp_path, capsys):
+    folder = save_checkpoint(tiny_model(d_vocab=301, n_ctx=110), Tokenizer(300), tmp_path / "c")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("training", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert copy_lift.main([str(folder), "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)) == ["final"]
+    assert copy_lift.main([str(folder)]) == 0
+    assert "final weights: copy 1" in capsys.readouterr().out
+
+
+def test_command_line_all_snapshots_needs_some(tmp_path, capsys):
+    folder = save_checkpoint(tiny_model(d_vocab=301, n_ctx=110), Tokenizer(300), tmp_path / "c")
+    assert copy_lift.main([str(folder), "--all-snapshots"]) == 2
+    assert "has no snapshots" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments", [["--steps", "-1"], ["--steps", "5", "--all-snapshots"]])
+def test_command_line_rejects_invalid_options(tmp_path, arguments):
+    folder = save_checkpoint(tiny_model(d_vocab=301, n_ctx=110), Tokenizer(300), tmp_path / "c")
+    with pytest.raises(SystemExit) as exit_info:
+        copy_lift.main([str(folder), *arguments])
+    assert exit_info.value.code == 2
