@@ -60,7 +60,7 @@ def forward(weights: dict, config: dict, tokens: np.ndarray):
         W_V, W_O = weights[prefix + "attn.W_V"], weights[prefix + "attn.W_O"]
         q = np.einsum("pm,hmd->hpd", normed + pos, W_Q)
         k = np.einsum("pm,hmd->hpd", normed + pos, W_K)
-        if prefix + "attn.smear" in weights:
+        if config.get("smear_keys", False):
             gate = 1 / (1 + np.exp(-weights[prefix + "attn.smear"]))[:, None, None]
             previous = np.concatenate([np.zeros_like(k[:, :1]), k[:, :-1]], axis=1)
             k = gate * k + (1 - gate) * previous
@@ -104,6 +104,8 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         for name in ("W_Q", "W_K", "W_V"):
             shapes[prefix + name] = (n_heads, d_model, d_head)
         shapes[prefix + "W_O"] = (n_heads, d_head, d_model)
+        if config.get("smear_keys", False):
+            shapes[prefix + "smear"] = (n_heads,)
     return shapes
 
 
@@ -113,6 +115,9 @@ def check_shapes(weights: dict, config: dict) -> None:
         if name.startswith("blocks.") and int(name.split(".")[1]) >= config["n_layers"]:
             raise ValueError(f"model.safetensors has {name}, but config.json has n_layers = "
                              f"{config['n_layers']}; the two files do not belong together")
+        if name.endswith("attn.smear") and not config.get("smear_keys", False):
+            raise ValueError(f"model.safetensors has {name}, but config.json does not set "
+                             "smear_keys; the two files do not belong together")
     for name, shape in expected_shapes(config).items():
         if name not in weights:
             raise ValueError(f"model.safetensors lacks {name}, which config.json implies")
@@ -199,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder or shipped name")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random tokens (0 or more)")
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"invalid --seed {args.seed}: seeds are 0 or more")
     folder = checked_folder(args.checkpoint)
     if not folder.is_dir():
         shipped = sorted(p.name for p in SHIPPED.iterdir() if (p / "config.json").is_file())

@@ -123,7 +123,10 @@ def copy_lift(model: AttnOnlyTransformer, tokens: torch.Tensor) -> CopyLift:
 
 
 def _step(text: str) -> int:
-    step = int(text)
+    try:
+        step = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid step {text!r}: expected a whole number") from None
     if step < 0:
         raise argparse.ArgumentTypeError(f"invalid step {step}: steps are 0 or more")
     return step
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         if checkpoint.model.cfg.n_layers < 1:
             raise ValueError(f"invalid model: {checkpoint.name} has no attention layers, so no "
                              "heads to copy with")
-        steps = args.steps
+        # Each requested step once, in the order given.
+        steps = list(dict.fromkeys(args.steps)) if args.steps else None
         if args.all_snapshots:
             steps = list_snapshots(args.checkpoint)
             if not steps:

@@ -101,6 +101,7 @@ def test_failing_model_exits_one(tmp_path, capsys):
 @pytest.mark.parametrize("field, value, message", [
     ("n_layers", 3, "lacks blocks.2.attn.W_Q"),
     ("n_layers", 1, "has blocks.1."),
+    ("smear_keys", True, "lacks blocks.0.attn.smear"),
     ("d_model", 16, "embed.W_E has shape"),
 ])
 def test_config_disagreeing_with_weights(tmp_path, capsys, field, value, message):
@@ -121,3 +122,10 @@ def test_weights_of_another_model_reported(tmp_path, capsys):
     (folder / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     assert check_induction.main([str(folder)]) == 2
     assert "records" in capsys.readouterr().err
+
+
+def test_negative_seed_rejected(tmp_path):
+    folder = save_checkpoint(tiny_model(d_vocab=257, n_ctx=110), Tokenizer(256), tmp_path / "c")
+    with pytest.raises(SystemExit) as exit_info:
+        check_induction.main([str(folder), "--seed", "-1"])
+    assert exit_info.value.code == 2

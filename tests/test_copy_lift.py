@@ -143,7 +143,9 @@ def test_command_line_all_snapshots_needs_some(tmp_path, capsys):
     assert "has no snapshots" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arguments", [["--steps", "-1"], ["--steps", "5", "--all-snapshots"]])
+@pytest.mark.parametrize("arguments", [
+    ["--steps", "-1"], ["--steps", "abc"], ["--steps", "5", "--all-snapshots"],
+])
 def test_command_line_rejects_invalid_options(tmp_path, arguments):
     folder = save_checkpoint(tiny_model(d_vocab=301, n_ctx=110), Tokenizer(300), tmp_path / "c")
     with pytest.raises(SystemExit) as exit_info:
