@@ -278,6 +278,17 @@ def save_resume_state(resume_dir: Path, step: int, elapsed: float, model, optimi
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files of atomic writes that a killed run left in ``out``.
+
+    Only the process that writes ``out`` calls this, so no live write can own one of these files.
+    """
+    for folder in (out, out / SNAPSHOT_DIR):
+        for stale in folder.glob(".*.tmp"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+
+
 def restore(resume_dir: Path, model, optimizer, device: str) -> tuple[int, float, list[dict]]:
     """Load the state ``latest.json`` points to; return (step, elapsed seconds, log records)."""
     from safetensors.torch import load_file
@@ -478,6 +489,8 @@ def _train(run: RunConfig, out: Path, resume: bool, device: str, progress: bool,
     if resume and latest_path.is_file():
         start_step, elapsed_before, records = restore(resume_dir, model, optimizer, device)
         log.info("resuming %s from step %d", out, start_step)
+        if place.is_main:
+            remove_stale_temporaries(out)
     elif resume:
         log.info("no resume state in %s, starting from step 0", out)
     elif latest_path.exists():

@@ -80,6 +80,19 @@ def test_resume_matches_uninterrupted_run(text_files, tmp_path):
                         load_file(part / "snapshots" / "step-000012.safetensors"))
 
 
+def test_resume_removes_stale_temporaries(text_files, tmp_path):
+    raw = run_config(*text_files)
+    out = tmp_path / "run"
+    train(RunConfig.from_dict(raw), out, progress=False, stop_after=8)
+    # What a kill in the middle of an atomic write leaves behind.
+    stale = [out / ".model.safetensors.x1.tmp", out / "snapshots" / ".step-000006.safetensors.x2.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    train(RunConfig.from_dict(raw), out, resume=True, progress=False, stop_after=10)
+    assert not any(path.exists() for path in stale)
+    assert (out / "model.safetensors").is_file()
+
+
 def test_resume_after_kill(text_files, tmp_path):
     """kill -9 at several moments, then resume: same weights and loss curve as one run."""
     raw = run_config(*text_files, steps=300, checkpoint_every=6)
