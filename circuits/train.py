@@ -281,7 +281,8 @@ def save_resume_state(resume_dir: Path, step: int, elapsed: float, model, optimi
 def remove_stale_temporaries(out: Path) -> None:
     """Delete the temporary files of atomic writes that a killed run left in ``out``.
 
-    Only the process that writes ``out`` calls this, so no live write can own one of these files.
+    A run folder has one writer, which calls this before it writes anything, so none of these files
+    belongs to a write in progress.
     """
     for folder in (out, out / SNAPSHOT_DIR):
         for stale in folder.glob(".*.tmp"):

@@ -110,7 +110,7 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(weights: dict, config: dict) -> None:
-    """Raise ValueError when a tensor is missing or extra, or its shape disagrees with config.json."""
+    """Raise ValueError for a missing or extra tensor, or a shape that config.json contradicts."""
     for name in weights:
         if name.startswith("blocks.") and int(name.split(".")[1]) >= config["n_layers"]:
             raise ValueError(f"model.safetensors has {name}, but config.json has n_layers = "

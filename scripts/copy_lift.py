@@ -11,12 +11,11 @@ one is known from the first copy), with y the correct next token:
 
 - gap: the largest logit at p minus the logit of y;
 - lift: the part of the logits that the last layer's heads contribute, at y, minus its mean over
-  the vocabulary. With o the sum of the last layer's head outputs at p, r the final residual
-  stream at p, and σ(r) the final layernorm's scale (standard deviation over d_model, with its
-  eps), that part is ((o − mean(o)) / σ(r)) ⊙ w_f · W_U, w_f being the final layernorm's weight.
-  The logits are the sum of such parts over everything written into the residual stream, plus the
-  layernorm bias times W_U, so the lift is the last layer's share of the margin of y over the
-  average token;
+  the vocabulary. That part is ((o − mean(o)) / σ(r)) ⊙ w_f · W_U. Here o is the sum of the last
+  layer's head outputs at p, r the final residual stream at p, σ(r) the final layernorm's scale
+  (standard deviation over d_model, with its eps) and w_f the final layernorm's weight. The logits
+  are the sum of such parts over everything written into the residual stream, plus the layernorm
+  bias times W_U. So the lift is the last layer's share of the margin of y over the average token;
 - induction attention: the largest, over the last layer's heads, of the mean attention from p to
   p − 49, the token after the earlier occurrence.
 
@@ -67,9 +66,8 @@ def repeated_sequences(n_ranks: int, bos: int, seed: int = 0) -> torch.Tensor:
     """Return BOS + 50 distinct random tokens + the same 50 again, [N_SEQUENCES, 101]."""
     high = min(HIGH_ID, n_ranks)
     if high - LOW_ID < N_TOKENS:
-        raise ValueError(
-            f"invalid vocabulary: {n_ranks} BPE ranks leave fewer than {N_TOKENS} ids from {LOW_ID} on"
-        )
+        raise ValueError(f"invalid vocabulary: {n_ranks} BPE ranks leave fewer than {N_TOKENS} "
+                         f"ids from {LOW_ID} on")
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(N_SEQUENCES):
@@ -78,13 +76,19 @@ def repeated_sequences(n_ranks: int, bos: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def check_layers(model: AttnOnlyTransformer, name: str = "the model") -> None:
+    """Raise ValueError for a model without attention layers, which has no heads to copy with."""
+    if model.cfg.n_layers < 1:
+        raise ValueError(f"invalid model: {name} has no attention layers, so no heads to copy with")
+
+
 @torch.no_grad()
 def copy_lift(model: AttnOnlyTransformer, tokens: torch.Tensor) -> CopyLift:
     """Measure losses, induction attention, lift and gap on ``repeated_sequences`` output."""
-    if model.cfg.n_layers < 1:
-        raise ValueError("invalid model: it has no attention layers, so no heads to copy with")
+    check_layers(model)
     if tokens.shape[1] != 2 * N_TOKENS + 1:
-        raise ValueError(f"expected sequences of {2 * N_TOKENS + 1} tokens, got {tokens.shape[1]}")
+        raise ValueError(f"invalid tokens: expected sequences of {2 * N_TOKENS + 1} tokens, got "
+                         f"{tokens.shape[1]}")
     model.eval()
     logits, cache = model.run_with_cache(tokens)
     compute = torch.promote_types(logits.dtype, torch.float32)
@@ -126,7 +130,8 @@ def _step(text: str) -> int:
     try:
         step = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid step {text!r}: expected a whole number") from None
+        message = f"invalid step {text!r}: expected a whole number"
+        raise argparse.ArgumentTypeError(message) from None
     if step < 0:
         raise argparse.ArgumentTypeError(f"invalid step {step}: steps are 0 or more")
     return step
@@ -140,18 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         "and checkpoints/README.md define both.",
     )
     parser.add_argument("checkpoint", help="a shipped model's name or a checkpoint folder")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--steps", type=_step, nargs="+",
-                       help="measure these snapshots instead of the final weights")
-    which.add_argument("--all-snapshots", action="store_true", help="measure every snapshot")
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument("--steps", type=_step, nargs="+",
+                           help="measure these snapshots instead of the final weights")
+    selection.add_argument("--all-snapshots", action="store_true", help="measure every snapshot")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
     try:
         checkpoint = load_checkpoint(args.checkpoint)
-        if checkpoint.model.cfg.n_layers < 1:
-            raise ValueError(f"invalid model: {checkpoint.name} has no attention layers, so no "
-                             "heads to copy with")
+        # Checked before any snapshot is loaded, so the message names the real problem.
+        check_layers(checkpoint.model, checkpoint.name)
         # Each requested step once, in the order given.
         steps = list(dict.fromkeys(args.steps)) if args.steps else None
         if args.all_snapshots:

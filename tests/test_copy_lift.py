@@ -76,6 +76,20 @@ def test_lift_splits_logit_margin(n_layers):
     assert result.lift == pytest.approx(last.mean().item(), abs=1e-9)
 
 
+def test_lift_without_layernorm():
+    model = tiny_model(n_layers=2, d_vocab=301, n_ctx=110, normalization_type=None).double()
+    tokens = copy_lift.repeated_sequences(n_ranks=300, bos=300)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    queries = torch.arange(51, 100)
+    # Without a final layernorm the logits are the residual stream times W_U, term by term.
+    part_logits = cache.head_outputs[1][:, queries].sum(2) @ model.unembed.W_U
+    targets = tokens[:, queries + 1]
+    margin = part_logits.gather(-1, targets[..., None])[..., 0] - part_logits.mean(-1)
+    result = copy_lift.copy_lift(model, tokens)
+    assert result.lift == pytest.approx(margin.mean().item(), abs=1e-9)
+
+
 def test_silent_last_layer_lifts_nothing():
     model = tiny_model(n_layers=2, d_vocab=301, n_ctx=110).double()
     with torch.no_grad():

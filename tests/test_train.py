@@ -85,7 +85,10 @@ def test_resume_removes_stale_temporaries(text_files, tmp_path):
     out = tmp_path / "run"
     train(RunConfig.from_dict(raw), out, progress=False, stop_after=8)
     # What a kill in the middle of an atomic write leaves behind.
-    stale = [out / ".model.safetensors.x1.tmp", out / "snapshots" / ".step-000006.safetensors.x2.tmp"]
+    stale = [
+        out / ".model.safetensors.x1.tmp",
+        out / "snapshots" / ".step-000006.safetensors.x2.tmp",
+    ]
     for path in stale:
         path.write_bytes(b"partial")
     train(RunConfig.from_dict(raw), out, resume=True, progress=False, stop_after=10)
