@@ -10,9 +10,11 @@ import torch
 
 from circuits.data import (
     PYTHON_STDLIB,
+    PYTHON_STDLIB_TABS,
     DataError,
     MixtureSampler,
     WindowSampler,
+    indent_with_tabs,
     load_tokens,
     resolve_data_spec,
     resolve_files,
@@ -197,6 +199,33 @@ def test_python_stdlib_source():
     assert not any("site-packages" in path.parts for path in files)
 
 
+def test_indent_with_tabs_rewrites_only_leading_spaces():
+    source = "def f(a,  b):\n    if a:\n        return  b\n      x = 1\n\tkept\n   \n"
+    expected = "def f(a,  b):\n\tif a:\n\t\treturn  b\n\t  x = 1\n\tkept\n   \n"
+    assert indent_with_tabs(source) == expected
+    # Only the indentation changes: dropping all whitespace leaves the same characters.
+    assert "".join(indent_with_tabs(source).split()) == "".join(source.split())
+
+
+def test_python_stdlib_tabs_source(monkeypatch, tmp_path):
+    # Two small "standard library" files stand in for the real one, to keep the test fast.
+    files = []
+    for name, text in [("a.py", "class A:\n    def f(self):\n        pass\n"),
+                       ("b.py", "x = 1\n")]:
+        path = tmp_path / name
+        path.write_text(text)
+        files.append(path)
+    monkeypatch.setattr("circuits.data.python_stdlib_files", lambda: files)
+    plain = load_tokens(PYTHON_STDLIB, TOKENIZER, cache_dir=tmp_path / "c", progress=False)
+    tabs = load_tokens(PYTHON_STDLIB_TABS, TOKENIZER, cache_dir=tmp_path / "c", progress=False)
+    bos = TOKENIZER.bos_token_id
+    expected = [bos, *TOKENIZER.encode("class A:\n\tdef f(self):\n\t\tpass\n"), bos,
+                *TOKENIZER.encode("x = 1\n")]
+    assert tabs.tolist() == expected
+    assert len(plain) > len(tabs)
+    assert resolve_files(PYTHON_STDLIB_TABS) == files
+
+
 def test_relative_data_path_falls_back_to_root(tmp_path, monkeypatch):
     root = tmp_path / "root"
     (root / "data").mkdir(parents=True)
@@ -210,6 +239,7 @@ def test_relative_data_path_falls_back_to_root(tmp_path, monkeypatch):
     assert resolve_data_spec("missing/*.jsonl", root) == "missing/*.jsonl"
     assert resolve_data_spec(str(root / "data"), root) == str(root / "data")
     assert resolve_data_spec("python-stdlib", root) == "python-stdlib"
+    assert resolve_data_spec("python-stdlib-tabs", root) == "python-stdlib-tabs"
     assert resolve_data_spec("hf:user/name", root) == "hf:user/name"
 
 

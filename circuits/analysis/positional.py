@@ -22,7 +22,7 @@ import torch
 from circuits.analysis.attention import preferred_offsets
 from circuits.analysis.circuits import head_name
 from circuits.checkpoints import SHIPPED_DIR, Checkpoint
-from circuits.data import DataError, WindowSampler, load_tokens
+from circuits.data import PYTHON_SOURCES, DataError, WindowSampler, load_tokens
 
 # Relative data paths in checkpoint configs are written from the repository root.
 REPOSITORY_ROOT = SHIPPED_DIR.parent
@@ -79,14 +79,14 @@ class TextWindows:
 
 def _resolve_data_spec(spec: str, root: Path) -> str:
     """Make a relative local path in a checkpoint config absolute, against the repository root."""
-    if spec.startswith("hf:") or spec == "python-stdlib" or os.path.isabs(spec):
+    if spec.startswith("hf:") or spec in PYTHON_SOURCES or os.path.isabs(spec):
         return spec
     return str(root / spec)
 
 
 def _short_name(spec: str) -> str:
     """Return the last two parts of a local data path (folder and file pattern), for display."""
-    if spec.startswith("hf:") or spec == "python-stdlib":
+    if spec.startswith("hf:") or spec in PYTHON_SOURCES:
         return spec
     return "/".join(Path(spec).parts[-2:])
 
