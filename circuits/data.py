@@ -1,6 +1,6 @@
 """Training text: loading through ``datasets``, a token cache on disk, and context windows.
 
-A data source is one of three kinds:
+A data source is one of four kinds:
 
 - local files: a path, a folder, or a glob pattern of ``.jsonl``, ``.jsonl.gz``, ``.json`` or
   ``.txt`` files. JSON lines need a ``"text"`` field.
@@ -134,7 +134,10 @@ def resolve_files(spec: str | os.PathLike | list) -> list[Path]:
         else:
             found = [Path(p) for p in sorted(glob.glob(item))]
             if not found:
-                raise DataError(f"no files match {item!r}; check the path or pattern")
+                raise DataError(
+                    f"no files match {item!r}; check the path or pattern (the built-in "
+                    f"sources are {', '.join(PYTHON_SOURCES)})"
+                )
         for path in found:
             if not path.name.endswith(LOCAL_SUFFIXES):
                 raise DataError(

@@ -97,8 +97,10 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive")
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"training.{name} must be positive, got {value}")
         if self.checkpoint_every % self.log_every != 0:
             raise ValueError(
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "

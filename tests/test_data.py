@@ -87,6 +87,9 @@ def test_stale_cache_not_used(text_files, tmp_path):
 def test_no_matching_files(tmp_path):
     with pytest.raises(DataError, match="no files match"):
         load_tokens(str(tmp_path / "missing-*.jsonl"), TOKENIZER)
+    # A misspelt built-in source is read as a path; the message lists the real names.
+    with pytest.raises(DataError, match="built-in sources are python-stdlib, python-stdlib-tabs"):
+        resolve_files("python-stdlib-tab")
 
 
 def test_empty_folder(tmp_path):

@@ -189,6 +189,9 @@ def test_learning_rate_schedule():
     [
         (lambda raw: raw.pop("data"), "missing section or key 'data'"),
         (lambda raw: raw["model"].update(d_model=-4), "must be positive"),
+        (lambda raw: raw["training"].update(steps=-5), "training.steps must be positive, got -5"),
+        (lambda raw: raw["training"].update(batch_size=0),
+         "training.batch_size must be positive, got 0"),
         (lambda raw: raw["training"].update(checkpoint_every=5), "multiple of log_every"),
         (lambda raw: raw["training"].update(nonsense=1), "nonsense"),
         (lambda raw: raw["tokenizer"].update(n_ranks=10), "n_ranks must be between"),
@@ -333,3 +336,15 @@ def test_auto_precision_runs_and_is_recorded(text_files, tmp_path, monkeypatch):
     assert recorded is True
     # bf16 products round differently, so the weights must differ from the float32 run's.
     assert any(not torch.equal(auto_on[key], float32[key]) for key in float32)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")),
+                         ids=lambda path: path.name)
+def test_every_config_file_loads(path):
+    run = RunConfig.from_toml(path)
+    assert run.model.d_vocab == run.tokenizer.n_ranks + 1
+    sources = run.train_data if isinstance(run.train_data, list) else [run.train_data]
+    for source in sources:
+        spec = source["source"] if isinstance(source, dict) else source
+        assert spec in ("python-stdlib", "python-stdlib-tabs") or "corpus" in spec or \
+            spec.startswith("hf:"), spec
