@@ -9,8 +9,8 @@ A data source is one of four kinds:
   that every Python installation carries. Each file is one document, and the few files that are
   not UTF-8 are left out.
 - ``python-stdlib-tabs``: the same files with each line's indentation rewritten by
-  ``indent_with_tabs`` (one tab per four leading spaces). GPT-2's BPE spends a token on every few
-  spaces, so this leaves more identifiers in each context window.
+  ``indent_with_tabs`` (one tab per four leading spaces). GPT-2's BPE spends about one token per
+  space of indentation and one per tab, so this leaves more identifiers in each context window.
 
 The documents are tokenized once into a flat stream, each document preceded by
 ``<|endoftext|>`` (the BOS token), and cached as a memmap (uint16 while the vocabulary fits,
@@ -79,10 +79,14 @@ def python_stdlib_files() -> list[Path]:
     return files
 
 
-def indent_with_tabs(text: str) -> str:
-    """Rewrite each line's leading spaces as one tab per four, keeping any remainder as spaces.
+_LEADING_SPACES = re.compile(r"^ +", re.MULTILINE)
 
-    Nothing else changes. A line that starts with a tab keeps its whole indentation as it was.
+
+def indent_with_tabs(text: str) -> str:
+    """Rewrite the spaces that start each line as one tab per four spaces.
+
+    A remainder of one to three spaces stays after the tabs. A line that starts with a tab keeps
+    its indentation, and nothing after the indentation changes.
     """
 
     def replace(match: re.Match) -> str:
@@ -90,9 +94,6 @@ def indent_with_tabs(text: str) -> str:
         return "\t" * (width // 4) + " " * (width % 4)
 
     return _LEADING_SPACES.sub(replace, text)
-
-
-_LEADING_SPACES = re.compile(r"^ +", re.MULTILINE)
 
 
 def resolve_data_spec(spec, root: str | os.PathLike | None = None):
@@ -135,8 +136,8 @@ def resolve_files(spec: str | os.PathLike | list) -> list[Path]:
             found = [Path(p) for p in sorted(glob.glob(item))]
             if not found:
                 raise DataError(
-                    f"no files match {item!r}; check the path or pattern (the built-in "
-                    f"sources are {', '.join(PYTHON_SOURCES)})"
+                    f"no files match {item!r}: check the path or pattern, or name a built-in "
+                    f"source ({', '.join(PYTHON_SOURCES)})"
                 )
         for path in found:
             if not path.name.endswith(LOCAL_SUFFIXES):

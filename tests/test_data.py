@@ -87,8 +87,8 @@ def test_stale_cache_not_used(text_files, tmp_path):
 def test_no_matching_files(tmp_path):
     with pytest.raises(DataError, match="no files match"):
         load_tokens(str(tmp_path / "missing-*.jsonl"), TOKENIZER)
-    # A misspelt built-in source is read as a path; the message lists the real names.
-    with pytest.raises(DataError, match="built-in sources are python-stdlib, python-stdlib-tabs"):
+    # A misspelt built-in source is read as a path, and the message lists the real names.
+    with pytest.raises(DataError, match=r"built-in source \(python-stdlib, python-stdlib-tabs\)"):
         resolve_files("python-stdlib-tab")
 
 
@@ -202,16 +202,16 @@ def test_python_stdlib_source():
     assert not any("site-packages" in path.parts for path in files)
 
 
-def test_indent_with_tabs_rewrites_only_leading_spaces():
+def test_tabs_replace_leading_spaces():
     source = "def f(a,  b):\n    if a:\n        return  b\n      x = 1\n\tkept\n   \n"
     expected = "def f(a,  b):\n\tif a:\n\t\treturn  b\n\t  x = 1\n\tkept\n   \n"
     assert indent_with_tabs(source) == expected
-    # Only the indentation changes: dropping all whitespace leaves the same characters.
+    # Only whitespace changes, so the text without whitespace is the same.
     assert "".join(indent_with_tabs(source).split()) == "".join(source.split())
 
 
 def test_python_stdlib_tabs_source(monkeypatch, tmp_path):
-    # Two small "standard library" files stand in for the real one, to keep the test fast.
+    # Two small files stand in for the standard library, so the test runs fast.
     files = []
     for name, text in [("a.py", "class A:\n    def f(self):\n        pass\n"),
                        ("b.py", "x = 1\n")]:

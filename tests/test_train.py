@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from circuits.checkpoints import load_checkpoint, read_log
+from circuits.data import PYTHON_SOURCES
 import circuits.train as train_module
 from circuits.train import RunConfig, TrainConfig, learning_rate, native_bf16, train, use_autocast
 
@@ -343,8 +344,12 @@ def test_auto_precision_runs_and_is_recorded(text_files, tmp_path, monkeypatch):
 def test_every_config_file_loads(path):
     run = RunConfig.from_toml(path)
     assert run.model.d_vocab == run.tokenizer.n_ranks + 1
-    sources = run.train_data if isinstance(run.train_data, list) else [run.train_data]
+
+    sources = run.train_data
+    if not isinstance(sources, list):
+        sources = [sources]
     for source in sources:
         spec = source["source"] if isinstance(source, dict) else source
-        assert spec in ("python-stdlib", "python-stdlib-tabs") or "corpus" in spec or \
-            spec.startswith("hf:"), spec
+        # Each source is built in, on the hub, or a path into the corpus folder.
+        known = spec in PYTHON_SOURCES or spec.startswith("hf:") or "corpus/" in spec
+        assert known, f"unexpected data source {spec!r} in {path.name}"
